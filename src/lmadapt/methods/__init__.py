@@ -1,0 +1,20 @@
+"""Methods register themselves by name on import; importing this package makes all of them available."""
+
+from lmadapt.methods import freeze, full, lora  # noqa: F401  (registration)
+from lmadapt.methods.base import (
+    Method,
+    ParamGroup,
+    StepContext,
+    available_methods,
+    build_method,
+    method_class,
+    method_for_peft_type,
+    method_problems,
+    method_spec,
+    register,
+)
+
+__all__ = [
+    "Method", "ParamGroup", "StepContext", "available_methods", "build_method", "method_class",
+    "method_for_peft_type", "method_problems", "method_spec", "register",
+]

@@ -1,0 +1,153 @@
+"""The one module that walks and edits the model tree.
+
+Targets are matched by *anchored* names, never by substring:
+
+- ``"q_proj"`` matches a module whose dotted name ends with the whole component ``q_proj``
+  (``model.layers.0.self_attn.q_proj``), never ``q_proj_extra`` nor ``lora_q_proj``;
+- ``"self_attn.q_proj"`` matches on the last two components, and so on;
+- ``"re:<pattern>"`` matches when the regular expression matches the *whole* dotted name;
+- ``"all-linear"`` matches every ``nn.Linear`` except the output head (``lm_head`` / the output embeddings).
+
+Every method swaps or adds modules only through :func:`replace_module`, so a swap keeps the
+dotted path (and with it the base model's state-dict keys) intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lmadapt.errors import LmadaptError
+
+
+def name_matches(name: str, target: str) -> bool:
+    """True when module ``name`` is selected by ``target`` (anchored component suffix or ``re:`` full match)."""
+    if target.startswith("re:"):
+        return re.fullmatch(target[3:], name) is not None
+    parts, want = name.split("."), target.split(".")
+    return len(want) <= len(parts) and parts[-len(want):] == want
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    return {n for n, m in model.named_modules() if m is head} if head is not None else set()
+
+
+def find_modules(
+    model: nn.Module,
+    targets: Sequence[str],
+    *,
+    types: tuple[type[nn.Module], ...] = (nn.Linear,),
+    exclude: Sequence[str] = (),
+) -> list[tuple[str, nn.Module]]:
+    """Modules of ``types`` selected by ``targets`` and not by ``exclude``, in model order.
+
+    Raises with the available names when a target selects nothing, so a typo cannot silently
+    train nothing.
+    """
+    heads = _output_head_names(model)
+    candidates = [(n, m) for n, m in model.named_modules() if n and isinstance(m, types)]
+    chosen: list[tuple[str, nn.Module]] = []
+    unmatched = []
+    for target in targets:
+        if target == "all-linear":
+            hits = [(n, m) for n, m in candidates if n not in heads]
+        else:
+            hits = [(n, m) for n, m in candidates if name_matches(n, target)]
+        if not hits:
+            unmatched.append(target)
+        chosen += hits
+    if unmatched:
+        leaf_names = sorted({n.rsplit(".", 1)[-1] for n, _ in candidates})
+        kinds = "/".join(t.__name__ for t in types)
+        raise LmadaptError(
+            f"target module(s) {', '.join(repr(t) for t in unmatched)} match no {kinds} module in the model. "
+            f"Available names: {', '.join(leaf_names) or '(none)'}; use 're:<regex>' to match full dotted "
+            f"names (e.g. 're:.*layers\\.(2[0-9])\\.mlp\\..*') or 'all-linear'."
+        )
+    seen: set[str] = set()
+    out = []
+    for name, module in chosen:
+        if name in seen or any(name_matches(name, e) for e in exclude):
+            continue
+        seen.add(name)
+        out.append((name, module))
+    return out
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule at dotted path ``name``."""
+    return model.get_submodule(name)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at dotted path ``name`` and return the module it replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+def modules_of_type(model: nn.Module, cls: type[nn.Module]) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for every submodule that is an instance of ``cls``."""
+    for name, module in model.named_modules():
+        if isinstance(module, cls):
+            yield name, module
+
+
+def freeze_all(model: nn.Module) -> None:
+    """Set ``requires_grad=False`` on every parameter."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+class Switchable:
+    """Mixin-free marker protocol: adapter modules expose ``adapter_enabled: bool``."""
+
+    adapter_enabled: bool = True
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the frozen base model through the same weights: every adapter module is switched off inside.
+
+    Used for losses that need the base model's logits (BA-LoRA, self-distillation) and for
+    proxy-tuning's anti-expert, without a second copy of the model in memory.
+    """
+    switched = [m for m in model.modules() if getattr(m, "adapter_enabled", None) is True]
+    for m in switched:
+        m.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for m in switched:
+            m.adapter_enabled = True
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = trainable = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def base_state_keys(model: nn.Module) -> list[str]:
+    """Parameter and buffer names of the model, as transformers saves them."""
+    return list(model.state_dict().keys())
+
+
+def parameter_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
