@@ -111,9 +111,11 @@ def load_adapter(model: nn.Module, path: str | Path, *, base_fingerprint: str | 
     if info.base_fingerprint and not force:
         actual = base_fingerprint or fingerprint(model)
         if actual != info.base_fingerprint:
+            name = getattr(model, "name_or_path", "")  # transformers models know where they were loaded from
             raise AdapterError(
                 f"adapter {info.path} was trained on base model {info.base_model!r} (fingerprint "
-                f"{info.base_fingerprint}), but the model it is being applied to has fingerprint {actual}. "
+                f"{info.base_fingerprint}), but the model it is being applied to"
+                f"{f' ({name!r})' if name else ''} has fingerprint {actual}. "
                 f"Load the right base model, or pass --force (force=True) to apply it anyway.")
     try:
         method = build_method(info.method)

@@ -1,6 +1,8 @@
 """Learning-rate schedules as pure functions of the step, so a resumed run needs no scheduler state.
 
-Each schedule warms up linearly from 0 over ``warmup`` steps, then:
+Each schedule warms up linearly over ``warmup`` steps (step k of the warm-up runs at (k+1)/warmup of the
+peak, so no step is wasted at 0), then, with progress = (step - warmup) / (total - warmup) as in
+transformers' schedulers:
 - constant: stays at the peak;
 - linear: decays linearly to ``min_ratio`` x peak at ``total`` steps;
 - cosine: follows half a cosine down to ``min_ratio`` x peak;
@@ -25,9 +27,9 @@ def lr_factor(step: int, *, total: int, warmup: int, schedule: str, min_ratio: f
         start = total - decay_steps
         if step < start:
             return 1.0
-        progress = min(1.0, (step - start + 1) / decay_steps)
+        progress = min(1.0, (step - start) / decay_steps)
         return 1.0 - (1.0 - min_ratio) * progress
-    progress = min(1.0, (step - warmup + 1) / max(1, total - warmup))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     if schedule == "linear":
         return 1.0 - (1.0 - min_ratio) * progress
     if schedule == "cosine":

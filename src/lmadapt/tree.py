@@ -70,13 +70,11 @@ def find_modules(
             f"Available names: {', '.join(leaf_names) or '(none)'}; use 're:<regex>' to match full dotted "
             f"names (e.g. 're:.*layers\\.(2[0-9])\\.mlp\\..*') or 'all-linear'."
         )
-    seen: set[str] = set()
-    out = []
-    for name, module in chosen:
-        if name in seen or any(name_matches(name, e) for e in exclude):
-            continue
-        seen.add(name)
-        out.append((name, module))
+    picked = {name for name, _ in chosen}  # reported in model order, whatever the order of the targets
+    out = [(n, m) for n, m in candidates if n in picked and not any(name_matches(n, e) for e in exclude)]
+    if chosen and not out:
+        raise LmadaptError(f"exclude {list(exclude)} removes every module that target(s) {list(targets)} "
+                           f"select, so nothing would be adapted; narrow the exclude list")
     return out
 
 
@@ -86,10 +84,15 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at dotted path ``name`` and return the module it replaced."""
+    """Put ``new`` at dotted path ``name`` and return the module it replaced.
+
+    ``new`` takes the train/eval mode of the module it replaces, so an adapter added to a model in eval
+    mode does not run its dropout.
+    """
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = getattr(parent, child)
+    new.train(old.training)
     setattr(parent, child, new)
     return old
 
@@ -118,8 +121,13 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the frozen base model through the same weights: every adapter module is switched off inside.
 
     Used for losses that need the base model's logits (BA-LoRA, self-distillation) and for
-    proxy-tuning's anti-expert, without a second copy of the model in memory.
+    proxy-tuning's anti-expert, without a second copy of the model in memory. Raises when the model has
+    no adapter modules at all (plain model, full or partial fine-tuning): the base outputs are gone then.
     """
+    if not any(isinstance(getattr(m, "adapter_enabled", None), bool) for m in model.modules()):
+        raise LmadaptError("the model has no adapter modules to switch off (a plain model, or a method such as "
+                           "full/freeze that trains the base weights themselves), so it cannot give the base "
+                           "model's outputs; load the base model separately for them")
     switched = [m for m in model.modules() if getattr(m, "adapter_enabled", None) is True]
     for m in switched:
         m.adapter_enabled = False

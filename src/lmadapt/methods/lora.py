@@ -95,13 +95,15 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        if self.merged or not self.adapter_enabled:
+        if self.merged == self.adapter_enabled:  # the weight already holds what this call needs
             return out
-        h = self.dropout(x)
+        # Unmerged and on: add s B A dropout(x). Merged but switched off (adapters_disabled): take s B A x
+        # back out, so the base model's outputs come back without unmerging.
+        h = self.dropout(x) if self.adapter_enabled else x
         if not torch.is_autocast_enabled(x.device.type):
             h = h.to(self.lora_A.dtype)
         update = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
-        return out + update.to(out.dtype)
+        return out + update.to(out.dtype) if self.adapter_enabled else out - update.to(out.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.lora_A.shape[0]}, scaling={self.scaling:g}"
@@ -213,6 +215,16 @@ class Lora(Method):
             "layers_to_transform": peft.get("layers_to_transform") is not None,
             "fan_in_fan_out": bool(peft.get("fan_in_fan_out")),
             "bias": peft.get("bias", "none") != "none",
+            # same tensor names as plain LoRA but a different forward, or tensors lmadapt has no place for
+            "lora_bias": bool(peft.get("lora_bias")),
+            "alora_invocation_tokens": bool(peft.get("alora_invocation_tokens")),
+            "layer_replication": bool(peft.get("layer_replication")),
+            "target_parameters": bool(peft.get("target_parameters")),
+            "trainable_token_indices": bool(peft.get("trainable_token_indices")),
+            # PiSSA/OLoRA/CorDA/LoftQ inits rewrite the base weights; such a file needs that rewritten base
+            "init_lora_weights": str(peft.get("init_lora_weights")).startswith(("pissa", "olora", "corda", "loftq")),
+            **{k: peft.get(k) is not None
+               for k in ("use_bdlora", "kasa_config", "arrow_config", "monteclora_config")},
         }
         bad = [k for k, v in unsupported.items() if v]
         if bad:

@@ -1,0 +1,147 @@
+"""Batches whose order is a pure function of (seed, epoch), so a resumed run sees exactly the same data.
+
+A plan is a list of batches; a batch is a list of rows; a row is a list of example indices (one index
+per row without packing). Three modes:
+
+- packing: each epoch shuffles the examples, then packs them into rows of ``max_length`` tokens by
+  best-fit decreasing (the row count depends only on the lengths, so every epoch has the same number
+  of batches, as exact resumption needs), then shuffles the rows. Rows are padded to ``max_length``.
+  ``position_ids`` restart at 0 for every example and no ``attention_mask`` is returned: transformers
+  (``masking_utils.find_packed_sequence_indices``) then builds a block-diagonal causal mask from the
+  position restarts, for sdpa, eager, flex and flash attention alike. That route needs the forward to
+  run without a KV cache (``use_cache=False``): a cache disables it silently. The label of each
+  example's first token is -100, so no example is trained to predict the next one.
+- group_by_length: like transformers' ``LengthGroupedSampler``: shuffle, cut into mega-batches of
+  50 x batch_size, sort each by length, cut into batches, shuffle the batch order. Right padding.
+- plain: shuffled, padded to the longest in the batch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from typing import Any
+
+import torch
+
+from lmadapt.data.tokens import IGNORE
+
+Row = list[int]
+Batch = list[Row]
+MEGA_BATCH = 50
+
+
+def pack_rows(order: list[int], lengths: list[int], max_length: int) -> list[Row]:
+    """Best-fit decreasing bin packing of examples (in ``order`` among equal lengths) into rows.
+
+    Each example goes to the fullest row that still has room for it, longest examples first.
+    """
+    rows: list[Row] = []
+    room: list[tuple[int, int]] = []  # (free tokens, row number), sorted
+    for i in sorted(order, key=lambda i: -lengths[i]):  # stable: ties keep the shuffled order
+        k = bisect.bisect_left(room, (lengths[i], -1))
+        if k == len(room):
+            rows.append([i])
+            free, row = max_length - lengths[i], len(rows) - 1
+        else:
+            free, row = room.pop(k)
+            rows[row].append(i)
+            free -= lengths[i]
+        if free > 0:
+            bisect.insort(room, (free, row))
+    return rows
+
+
+def length_grouped(order: list[int], lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Batches of similar length: mega-batches of 50 x batch_size from ``order``, each sorted, then cut."""
+    mega = MEGA_BATCH * batch_size
+    batches = []
+    for start in range(0, len(order), mega):
+        group = sorted(order[start:start + mega], key=lambda i: -lengths[i])
+        batches += [group[k:k + batch_size] for k in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+class Batcher:
+    """Deterministic batching and collation of a tokenized dataset; see the module docstring."""
+
+    def __init__(self, dataset: Any, *, batch_size: int, max_length: int, packing: bool,
+                 group_by_length: bool, pad_id: int, seed: int, drop_last: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.dataset, self.batch_size, self.max_length = dataset, batch_size, max_length
+        self.packing, self.group_by_length, self.drop_last = packing, group_by_length, drop_last
+        self.pad_id, self.seed = pad_id, seed
+        self.lengths = [len(ids) for ids in dataset.input_ids]
+        too_long = [i for i, n in enumerate(self.lengths) if n > max_length]
+        if packing and too_long:
+            raise ValueError(f"example {too_long[0]} has {self.lengths[too_long[0]]} tokens, more than "
+                             f"max_length={max_length}")
+        self._len: int | None = None
+
+    def batches(self, epoch: int) -> list[Batch]:
+        """The plan of one epoch: batches of rows of example indices, fixed by (seed, epoch)."""
+        rng = random.Random(f"lmadapt-batches:{self.seed}:{epoch}")
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        if self.packing:
+            rows = pack_rows(order, self.lengths, self.max_length)
+            rng.shuffle(rows)
+            plan = [rows[k:k + self.batch_size] for k in range(0, len(rows), self.batch_size)]
+        elif self.group_by_length:
+            grouped = length_grouped(order, self.lengths, self.batch_size, rng)
+            plan = [[[i] for i in batch] for batch in grouped]
+        else:
+            plan = [[[i] for i in order[k:k + self.batch_size]] for k in range(0, len(order), self.batch_size)]
+        if self.drop_last:
+            plan = [batch for batch in plan if len(batch) == self.batch_size]
+        return plan
+
+    def __len__(self) -> int:
+        """Batches per epoch (the same for every epoch)."""
+        if self._len is None:
+            self._len = len(self.batches(0))
+        return self._len
+
+    def collate(self, batch: Batch | list[int]) -> dict[str, torch.Tensor]:
+        """Tensors of one batch: input_ids, labels, position_ids (B, L), attention_mask (unpacked only),
+        num_target_tokens (labels that count after the model's one-token shift).
+
+        A bare index in ``batch`` is a row of one example.
+        """
+        rows = [[row] if isinstance(row, int) else list(row) for row in batch]
+        used = [sum(self.lengths[i] for i in row) for row in rows]
+        width = self.max_length if self.packing else max(used)
+        if max(used) > width:
+            raise ValueError(f"a row of {max(used)} tokens does not fit max_length={width}")
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            pos = 0
+            for i in row:
+                n = self.lengths[i]
+                input_ids[b, pos:pos + n] = torch.tensor(self.dataset.input_ids[i])
+                labels[b, pos:pos + n] = torch.tensor(self.dataset.labels[i])
+                labels[b, pos] = IGNORE  # the previous example must not predict this one
+                position_ids[b, pos:pos + n] = torch.arange(n)
+                pos += n
+            # padding is a sequence of its own when packed (positions restart), the tail otherwise
+            position_ids[b, pos:] = torch.arange(width - pos) + (0 if self.packing else pos)
+        out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+               "num_target_tokens": (labels[:, 1:] != IGNORE).sum()}
+        if not self.packing:
+            out["attention_mask"] = (torch.arange(width)[None, :] < torch.tensor(used)[:, None]).long()
+        return out
+
+    def padding_stats(self, epoch: int = 0) -> dict[str, float]:
+        """Token slots in the epoch's batches vs tokens that are real and that carry loss."""
+        slots = tokens = targets = 0
+        for batch in self.batches(epoch):
+            used = [sum(self.lengths[i] for i in row) for row in batch]
+            slots += len(batch) * (self.max_length if self.packing else max(used))
+            tokens += sum(used)
+            targets += sum(sum(label != IGNORE for label in self.dataset.labels[i]) for row in batch for i in row)
+        return {"slots": slots, "tokens": tokens, "target_tokens": targets,
+                "useful_fraction": tokens / max(1, slots), "padding_fraction": 1 - tokens / max(1, slots)}

@@ -1,0 +1,69 @@
+"""The ``data:`` section of a run config: which files, which format, how examples become token rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lmadapt.config import option
+
+Format = Literal["auto", "text", "prompt_completion", "instruction", "chat"]
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = option(
+        [], "Training files or globs: .jsonl, .json, .csv, .parquet, or .txt/.md (one document per file). "
+            "Required to train; may be empty for evaluation-only configs.")
+    validation: list[str] = option([], "Validation files or globs (same formats as train).")
+    validation_fraction: float = option(
+        0.0, "Without validation files: hold out this fraction of the training rows (seeded by data.seed).")
+    format: Format = option(
+        "auto", "Row format. auto: from the first row's keys (messages -> chat, prompt+completion -> "
+                "prompt_completion, instruction+output -> instruction, text -> text).")
+    text_field: str = option("text", "Key of the raw text (format text).")
+    prompt_field: str = option("prompt", "Key of the prompt (format prompt_completion).")
+    completion_field: str = option("completion", "Key of the completion (format prompt_completion).")
+    instruction_field: str = option("instruction", "Key of the instruction (format instruction).")
+    input_field: str = option("input", "Key of the optional input (format instruction).")
+    output_field: str = option("output", "Key of the response (format instruction).")
+    messages_field: str = option("messages", "Key of the list of {role, content} turns (format chat).")
+    system_prompt: str | None = option(
+        None, "System turn put before prompt_completion/instruction rows when use_chat_template is true.")
+    use_chat_template: bool = option(
+        False, "Render prompt_completion and instruction rows through the tokenizer's chat template as a "
+               "user turn and an assistant turn (chat rows always use it).")
+    max_length: int = option(1024, "Tokens per example (and per packed row).")
+    truncation: Literal["right", "left", "drop"] = option(
+        "right", "An over-long prompt/completion, instruction or chat example: keep its first max_length "
+                 "tokens (right), its last (left), or drop it. Text documents are split into chunks instead.")
+    packing: bool = option(True, "Pack several examples into each row of max_length tokens; attention "
+                                 "and positions restart at every example.")
+    group_by_length: bool = option(False, "Without packing: batch examples of similar length to cut padding.")
+    loss_on_prompt: bool = option(False, "Also train on prompt / user / system tokens (not only on completions "
+                                         "and assistant turns).")
+    add_eos: bool = option(True, "End each completion and each text document with the EOS token.")
+    skip_bad_rows: bool = option(False, "Skip malformed rows (and count them) instead of stopping with the list.")
+    seed: int = option(0, "Seed of the validation hold-out.")
+
+    def check(self) -> list[str]:
+        """Cross-field contradictions, each starting with the field name."""
+        problems = []
+        if self.max_length < 2:
+            problems.append(f"max_length: must be >= 2 (one token predicts the next), got {self.max_length}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            problems.append(f"validation_fraction: must be in [0, 1), got {self.validation_fraction}")
+        if self.validation_fraction > 0 and self.validation:
+            problems.append("validation_fraction: validation files are given too; use either files or a "
+                            "hold-out fraction. Choose one.")
+        if self.packing and self.group_by_length:
+            problems.append("group_by_length: only applies without packing (packed rows are already full); "
+                            "set packing=false or group_by_length=false.")
+        if self.system_prompt is not None and self.format == "chat":
+            problems.append("system_prompt: chat rows carry their own system turns; system_prompt applies to "
+                            "prompt_completion and instruction rows.")
+        elif self.system_prompt is not None and not self.use_chat_template:
+            problems.append("system_prompt: only used with use_chat_template=true.")
+        if self.use_chat_template and self.format == "text":
+            problems.append("use_chat_template: has no effect with format=text (raw documents).")
+        return problems

@@ -1,0 +1,254 @@
+"""From a :class:`DataConfig` to tokenized train/validation sets and a :class:`DataReport`.
+
+Order: read every file, check every row, tokenize, fit to ``max_length``. Unreadable files always stop
+the run; bad rows stop it with the full list (:class:`DataError`) unless ``skip_bad_rows`` is set, in
+which case they are skipped and counted. Nothing is written, so this runs before the output folder exists.
+
+Length policy: a raw-text document longer than ``max_length`` is cut into consecutive chunks of
+``max_length`` tokens (nothing lost); any other example is truncated on the right or left, or dropped
+(``truncation``). A truncated example with no trained token left is dropped too.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lmadapt.data.config import DataConfig
+from lmadapt.data.formats import Example, build_examples, detect_format
+from lmadapt.data.readers import ReadResult, read_files
+from lmadapt.data.tokens import IGNORE, RowProblem, mask_first, special_prefix, tokenize_example
+from lmadapt.errors import ConfigError, DataError, LmadaptError
+
+KEPT_PROBLEMS = 20
+
+
+@dataclass
+class TokenizedDataset:
+    """Token rows ready for batching: ``input_ids[i]`` and ``labels[i]`` (-100: no loss) of example i."""
+
+    input_ids: list[list[int]] = field(default_factory=list)
+    labels: list[list[int]] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        return {"input_ids": self.input_ids[index], "labels": self.labels[index]}
+
+    def add(self, source: str, input_ids: list[int], labels: list[int]) -> None:
+        """Append one example."""
+        self.input_ids.append(input_ids)
+        self.labels.append(labels)
+        self.sources.append(source)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens per example."""
+        return [len(ids) for ids in self.input_ids]
+
+
+@dataclass
+class DataReport:
+    """What loading did to the data, counted over train and validation together (unless named)."""
+
+    format: str = ""
+    files: int = 0
+    rows_read: int = 0
+    rows_skipped: int = 0
+    train_examples: int = 0
+    validation_examples: int = 0
+    examples_truncated: int = 0
+    tokens_truncated: int = 0
+    examples_dropped: int = 0
+    documents_chunked: int = 0
+    tokens: int = 0
+    trainable_tokens: int = 0
+    max_length: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One paragraph for people."""
+        val = f" and {self.validation_examples:,} validation" if self.validation_examples else ""
+        text = (f"Data ({self.format}): read {self.rows_read:,} rows from {self.files} file(s); "
+                f"{self.train_examples:,} training{val} examples, {self.tokens:,} tokens of which "
+                f"{self.trainable_tokens:,} carry loss.")
+        if self.rows_skipped:
+            text += f" Skipped {self.rows_skipped:,} malformed rows (first: {self.skipped[0]})."
+        if self.documents_chunked:
+            text += f" Split {self.documents_chunked:,} long documents into chunks of {self.max_length} tokens."
+        if self.examples_truncated:
+            text += (f" Truncated {self.examples_truncated:,} examples to {self.max_length} tokens, losing "
+                     f"{self.tokens_truncated:,} tokens.")
+        if self.examples_dropped:
+            text += (f" Dropped {self.examples_dropped:,} examples longer than {self.max_length} tokens "
+                     f"(truncation=drop, or nothing left to train on after truncating).")
+        return text
+
+
+def fit_length(ids: list[int], labels: list[int], document: bool, cfg: DataConfig,
+               report: DataReport) -> list[tuple[list[int], list[int]]]:
+    """The example as pieces of at most ``max_length`` tokens (see the module docstring); counts in ``report``."""
+    n, limit = len(ids), cfg.max_length
+    if n <= limit:
+        return [(ids, labels)]
+    if document:
+        report.documents_chunked += 1
+        return [(ids[k:k + limit], mask_first(labels[k:k + limit])) for k in range(0, n, limit)]
+    if cfg.truncation == "drop":
+        report.examples_dropped += 1
+        return []
+    keep = slice(0, limit) if cfg.truncation == "right" else slice(n - limit, n)
+    ids, labels = ids[keep], mask_first(labels[keep])
+    if all(label == IGNORE for label in labels):
+        report.examples_dropped += 1
+        return []
+    report.examples_truncated += 1
+    report.tokens_truncated += n - limit
+    return [(ids, labels)]
+
+
+def _read(patterns: list[str], key: str, cfg: DataConfig) -> ReadResult:
+    try:
+        return read_files(patterns, cfg.text_field)
+    except ConfigError as exc:
+        raise ConfigError([f"{key}: {p}" for p in exc.problems]) from None
+
+
+def _examples(read: ReadResult, key: str, cfg: DataConfig, problems: list[str]) -> tuple[list[Example], str]:
+    """Checked examples of one split; row problems go to ``problems``, a format nobody can tell to the result."""
+    fmt = cfg.format if cfg.format != "auto" else detect_format(read.records, cfg)
+    if fmt is None and not read.records:  # nothing readable: the reading problems say why
+        problems += read.row_problems
+        return [], cfg.format
+    if fmt is None:
+        keys = sorted(read.records[0].data) if read.records else []
+        read.file_problems.append(
+            f"{key}: cannot tell the format from the keys {keys} of the first row; expected "
+            f"'{cfg.messages_field}' (chat), '{cfg.prompt_field}'+'{cfg.completion_field}', "
+            f"'{cfg.instruction_field}'+'{cfg.output_field}' or '{cfg.text_field}'. Set data.format and "
+            f"the data.*_field names.")
+        return [], "unknown"
+    examples, found = build_examples(read.records, fmt, cfg)
+    problems += read.row_problems + found
+    return examples, fmt
+
+
+def in_file_order(problems: list[str], files: list[str]) -> list[str]:
+    """Problems sorted by file (in reading order), then by line, item or row number."""
+    def key(problem: str) -> tuple[int, int]:
+        for rank, path in enumerate(files):
+            if problem.startswith(path + ":"):
+                number = re.match(r"(?:item |row )?(\d+):", problem[len(path) + 1:])
+                return rank, int(number.group(1)) if number else 0
+        return len(files), 0
+    return sorted(problems, key=key)
+
+
+def _hold_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, held out): a seeded choice of round(fraction * n) rows, at least one each when n >= 2."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    n_out = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    chosen = set(random.Random(seed).sample(range(len(examples)), n_out))
+    return ([e for i, e in enumerate(examples) if i not in chosen],
+            [e for i, e in enumerate(examples) if i in chosen])
+
+
+def _tokenize(examples: list[Example], tokenizer: Any, cfg: DataConfig, report: DataReport,
+              problems: list[str]) -> TokenizedDataset:
+    prefix = special_prefix(tokenizer)
+    out = TokenizedDataset()
+    for example in examples:
+        try:
+            ids, labels = tokenize_example(example, tokenizer, cfg, prefix)
+        except RowProblem as exc:
+            problems.append(str(exc))
+            continue
+        for piece_ids, piece_labels in fit_length(ids, labels, example.document, cfg, report):
+            out.add(example.source, piece_ids, piece_labels)
+    return out
+
+
+def _load(cfg: DataConfig, tokenizer: Any, *, train: bool,
+          validation: bool) -> tuple[TokenizedDataset, TokenizedDataset | None, DataReport]:
+    """Read, check, split and tokenize; raise on unreadable files, and on bad rows unless skip_bad_rows."""
+    if cfg.check():  # a DataConfig built in Python has not been checked yet
+        raise ConfigError([f"data.{p}" for p in cfg.check()])
+    reads: dict[str, ReadResult] = {}
+    if train:
+        reads["data.train"] = _read(cfg.train, "data.train", cfg)
+    if validation and cfg.validation:
+        reads["data.validation"] = _read(cfg.validation, "data.validation", cfg)
+    problems: list[str] = []
+    examples = {key: _examples(read, key, cfg, problems) for key, read in reads.items()}
+    _raise_for_files(reads, problems)
+    train_ex = examples["data.train"][0] if train else []
+    if "data.validation" in examples:
+        val_ex = examples["data.validation"][0]
+    else:
+        train_ex, val_ex = _hold_out(train_ex, cfg.validation_fraction, cfg.seed)
+    report = DataReport(max_length=cfg.max_length)
+    train_set = _tokenize(train_ex, tokenizer, cfg, report, problems)
+    has_val = validation and (bool(cfg.validation) or cfg.validation_fraction > 0)
+    val_set = _tokenize(val_ex, tokenizer, cfg, report, problems) if has_val else None
+    problems = in_file_order(problems, [f for read in reads.values() for f in read.files])
+    if problems and not cfg.skip_bad_rows:
+        raise DataError(problems)
+    report.format = ", ".join(sorted({fmt for _, fmt in examples.values()}))
+    report.files = sum(len(read.files) for read in reads.values())
+    report.rows_read = sum(read.rows_read for read in reads.values())
+    report.rows_skipped, report.skipped = len(problems), problems[:KEPT_PROBLEMS]
+    _count_tokens(report, train_set, val_set)
+    return train_set, val_set, report
+
+
+def _raise_for_files(reads: dict[str, ReadResult], problems: list[str]) -> None:
+    fatal = [p for read in reads.values() for p in read.file_problems]
+    if fatal:
+        more = f"\n({len(problems)} malformed row(s) besides.)" if problems else ""
+        raise LmadaptError(f"{len(fatal)} data file problem(s):\n" + "\n".join(f"  - {p}" for p in fatal) +
+                           more + "\ndata.skip_bad_rows skips single rows, not whole files: fix or remove them.")
+
+
+def _count_tokens(report: DataReport, train_set: TokenizedDataset, val_set: TokenizedDataset | None) -> None:
+    report.train_examples = len(train_set)
+    report.validation_examples = len(val_set) if val_set is not None else 0
+    for data in (train_set, val_set or TokenizedDataset()):
+        report.tokens += sum(data.lengths)
+        report.trainable_tokens += sum(label != IGNORE for labels in data.labels for label in labels)
+
+
+def load_splits(cfg: DataConfig, tokenizer: Any) -> tuple[TokenizedDataset, TokenizedDataset | None, DataReport]:
+    """(train, validation or None, report), reading and checking every file once.
+
+    Validation comes from ``cfg.validation`` files, else a seeded ``validation_fraction`` of the training
+    rows, else there is none. Raises :class:`DataError` listing every bad row unless ``skip_bad_rows``.
+    """
+    if not cfg.train:
+        raise ConfigError(["data.train: no training files given; list .jsonl/.json/.csv/.parquet/.txt files "
+                           "or globs, e.g. data.train=[data/train.jsonl]"])
+    train_set, val_set, report = _load(cfg, tokenizer, train=True, validation=True)
+    if not len(train_set):
+        raise LmadaptError(f"no training examples are left: {report.summary()}")
+    return train_set, val_set, report
+
+
+def load_dataset(cfg: DataConfig, tokenizer: Any,
+                 split: Literal["train", "validation"] = "train") -> tuple[TokenizedDataset, DataReport]:
+    """One split with its report; "validation" without a hold-out fraction does not need training files."""
+    if split == "train":
+        train_set, _, report = load_splits(cfg, tokenizer)
+        return train_set, report
+    if split != "validation":
+        raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
+    if cfg.validation_fraction > 0:
+        _, val_set, report = load_splits(cfg, tokenizer)
+        return val_set or TokenizedDataset(), report
+    if not cfg.validation:
+        raise ConfigError(["data.validation: no validation files given, and validation_fraction is 0"])
+    _, val_set, report = _load(cfg, tokenizer, train=False, validation=True)
+    return val_set or TokenizedDataset(), report

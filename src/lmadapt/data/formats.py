@@ -1,0 +1,158 @@
+"""Rows to examples: each format's fields are checked, and every problem names file, line and field.
+
+An :class:`Example` is either plain ``segments`` of text, each trained on or not (prompt/completion,
+instruction, raw text), or ``messages`` of a conversation that the tokenizer's chat template renders.
+
+Plain prompts for instruction rows (without ``use_chat_template``) use Alpaca-style headers::
+
+    ### Instruction:\\n{instruction}\\n\\n[### Input:\\n{input}\\n\\n]### Response:\\n{output}
+
+Prompt/completion rows are concatenated as they are (the data carries its own separators).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lmadapt.data.config import DataConfig
+from lmadapt.data.readers import Record, type_name
+
+ROLES = ("system", "user", "assistant", "tool")
+INSTRUCTION_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+INSTRUCTION_INPUT_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example before tokenization.
+
+    ``segments``: (text, trainable) pieces joined in order; ``messages``: a conversation for the chat
+    template (then ``segments`` is empty). ``document`` marks raw text, which is chunked, not truncated.
+    """
+
+    source: str
+    segments: tuple[tuple[str, bool], ...] = ()
+    messages: tuple[dict[str, Any], ...] = ()
+    document: bool = False
+
+
+def detect_format(records: list[Record], cfg: DataConfig) -> str | None:
+    """The format named by the first row whose keys fit one; None when no row fits any."""
+    for record in records:
+        keys = record.data
+        if cfg.messages_field in keys:
+            return "chat"
+        if cfg.prompt_field in keys and cfg.completion_field in keys:
+            return "prompt_completion"
+        if cfg.instruction_field in keys and cfg.output_field in keys:
+            return "instruction"
+        if cfg.text_field in keys:
+            return "text"
+    return None
+
+
+def build_examples(records: list[Record], fmt: str, cfg: DataConfig) -> tuple[list[Example], list[str]]:
+    """One example per good record; for bad records, their problems (a record may have several)."""
+    convert = {"text": _text, "prompt_completion": _prompt_completion, "instruction": _instruction,
+               "chat": _chat}[fmt]
+    examples, problems = [], []
+    for record in records:
+        found: list[str] = []
+        example = convert(record, cfg, found)
+        if found:
+            problems.append(f"{record.source}: " + "; ".join(found))
+        else:
+            examples.append(example)
+    return examples, problems
+
+
+def _string(record: Record, key: str, found: list[str], *, optional: bool = False,
+            allow_empty: bool = False) -> str:
+    """The string under ``key``; appends a problem naming the field when it is missing or wrong."""
+    data = record.data
+    if key not in data or (optional and data[key] is None):
+        if not optional:
+            found.append(_missing(key, data))
+        return ""
+    value = data[key]
+    if not isinstance(value, str):
+        found.append(f"field '{key}': expected a string, got {type_name(value)}")
+        return ""
+    if not allow_empty and not value.strip():
+        found.append(f"field '{key}' is empty")
+    return value
+
+
+def _missing(key: str, data: dict[str, Any]) -> str:
+    return f"field '{key}' is missing (the row has: {', '.join(map(str, data)) or 'no fields'})"
+
+
+def _text(record: Record, cfg: DataConfig, found: list[str]) -> Example:
+    text = _string(record, cfg.text_field, found)
+    return Example(record.source, segments=((text, True),), document=True)
+
+
+def _with_chat(record: Record, cfg: DataConfig, prompt: str, completion: str) -> Example:
+    """A user/assistant exchange, as chat turns or as plain prompt + completion segments."""
+    if cfg.use_chat_template:
+        system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+        turns = system + [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        return Example(record.source, messages=tuple(turns))
+    return Example(record.source, segments=((prompt, False), (completion, True)))
+
+
+def _prompt_completion(record: Record, cfg: DataConfig, found: list[str]) -> Example:
+    prompt = _string(record, cfg.prompt_field, found, allow_empty=True)
+    completion = _string(record, cfg.completion_field, found)
+    return _with_chat(record, cfg, prompt, completion)
+
+
+def _instruction(record: Record, cfg: DataConfig, found: list[str]) -> Example:
+    instruction = _string(record, cfg.instruction_field, found)
+    extra = _string(record, cfg.input_field, found, optional=True, allow_empty=True)
+    output = _string(record, cfg.output_field, found)
+    if cfg.use_chat_template:
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    elif extra.strip():
+        prompt = INSTRUCTION_INPUT_PROMPT.format(instruction=instruction, input=extra)
+    else:
+        prompt = INSTRUCTION_PROMPT.format(instruction=instruction)
+    return _with_chat(record, cfg, prompt, output)
+
+
+def _chat(record: Record, cfg: DataConfig, found: list[str]) -> Example:
+    key = cfg.messages_field
+    turns = record.data.get(key)
+    if key not in record.data:
+        found.append(_missing(key, record.data))
+    elif not isinstance(turns, list):
+        found.append(f"field '{key}': expected a list of turns, got {type_name(turns)}")
+    elif not turns:
+        found.append(f"field '{key}' is empty")
+    else:
+        for i, turn in enumerate(turns):
+            _check_turn(turn, f"{key}[{i}]", found)
+        if not found and not any(t["role"] == "assistant" for t in turns):
+            found.append(f"field '{key}': no assistant turn, so nothing to train on")
+    return Example(record.source, messages=tuple(turns) if isinstance(turns, list) else ())
+
+
+def _check_turn(turn: Any, name: str, found: list[str]) -> None:
+    if not isinstance(turn, dict):
+        found.append(f"field '{name}': expected an object with 'role' and 'content', got {type_name(turn)}")
+        return
+    role = turn.get("role")
+    if "role" not in turn:
+        found.append(f"field '{name}.role' is missing")
+    elif role not in ROLES:
+        found.append(f"field '{name}.role': unknown role {role!r} (allowed: {', '.join(ROLES)})")
+    content = turn.get("content")
+    if "content" not in turn and not turn.get("tool_calls"):
+        found.append(f"field '{name}.content' is missing")
+    elif content is None and turn.get("tool_calls"):
+        pass  # an assistant turn that only calls tools
+    elif not isinstance(content, str):
+        found.append(f"field '{name}.content': expected a string, got {type_name(content)}")
+    elif role == "assistant" and not content.strip() and not turn.get("tool_calls"):
+        found.append(f"field '{name}.content' is empty")

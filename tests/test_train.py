@@ -1,0 +1,219 @@
+"""The loop end to end on a tiny model: it learns, it writes what it says, it resumes exactly, it stops safely."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lmadapt.adapters import load_adapter
+from lmadapt.errors import DataError, LmadaptError
+from lmadapt.loop import NonFiniteLoss, Trainer
+from lmadapt.train import train
+
+from conftest import write_jsonl
+
+
+def test_training_lowers_loss_and_writes_the_run_folder(run_config):
+    run_config["train"].update(max_steps=30, eval_every=10, lr=2e-2)
+    run_config["method"].update(target_modules=["all-linear"], r=8)
+    result = train(run_config, progress=False)
+    run = Path(run_config["output_dir"])
+    losses = [r["loss"] for r in result.loop.history if "loss" in r]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.4  # nats/token; measured drop ~0.66
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "report.json", "adapter/adapter_model.safetensors",
+                 "adapter/adapter_config.json"):
+        assert (run / name).is_file(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [10, 20, 30]
+    report = json.loads((run / "report.json").read_text())
+    # r=8 on q,o (64x64), k,v (64->32), gate,up (64->128), down (128->64), in 2 layers
+    per_layer = 8 * (2 * (64 + 64) + 2 * (64 + 32) + 2 * (64 + 128) + (128 + 64))
+    assert report["steps"] == 30 and report["trainable_parameters"] == 2 * per_layer
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_existing_output_folder_is_not_overwritten_unless_asked(run_config):
+    out = Path(run_config["output_dir"])
+    out.mkdir(parents=True)
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(LmadaptError, match="already exists and is not empty.*--overwrite"):
+        train(run_config, progress=False)
+    assert (out / "precious.txt").read_text() == "keep me"
+    train(run_config, ["overwrite=true"], progress=False)
+    assert not (out / "precious.txt").exists() and (out / "adapter").is_dir()
+
+
+def test_bad_data_stops_before_anything_is_written(run_config, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": 3}\n')
+    run_config["data"]["train"] = [str(bad)]
+    with pytest.raises(DataError, match=r"bad.jsonl:2.*completion"):
+        train(run_config, progress=False)
+    assert not Path(run_config["output_dir"]).exists()
+
+
+def _nan_at(step_to_fail):
+    from lmadapt.objectives import causal_lm_loss
+
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        loss, n, out = causal_lm_loss(model, batch)
+        if calls["n"] == step_to_fail:
+            loss = loss * float("nan")
+        return loss, n, out
+    return loss_fn
+
+
+def _trainer(run_config, tmp_path, loss_fn, **train_overrides):
+    from lmadapt.data import load_splits
+    from lmadapt.methods import build_method
+    from lmadapt.models import load_model
+    from lmadapt.train import _batcher, load_run_config
+
+    run_config["train"].update(train_overrides)
+    cfg = load_run_config(run_config)
+    model, tok = load_model(cfg.model)
+    train_set, _, _ = load_splits(cfg.data, tok)
+    method = build_method(cfg.method)
+    method.apply(model)
+    run_dir = tmp_path / "nanrun"
+    run_dir.mkdir()
+    return Trainer(model, method, cfg.train, _batcher(train_set, cfg, tok), None, run_dir, base_model="tiny",
+                   base_fingerprint="x", device=torch.device("cpu"), loss_fn=loss_fn)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(run_config, tmp_path):
+    trainer = _trainer(run_config, tmp_path, _nan_at(3), save_every=2)
+    with pytest.raises(NonFiniteLoss, match=r"stopped at step 3: the loss is nan.*step-0000002"):
+        trainer.run(progress=False)
+    assert [p.name for p in (trainer.run_dir / "checkpoints").iterdir()] == ["step-0000002"]
+
+
+def test_nan_loss_can_be_skipped(run_config, tmp_path):
+    trainer = _trainer(run_config, tmp_path, _nan_at(3), nan_policy="skip")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    result = trainer.run(progress=False)
+    assert result.steps == 6 and result.skipped_steps == 1
+    assert [r.get("skipped", False) for r in result.history] == [False, False, True, False, False, False]
+    after = dict(trainer.model.named_parameters())
+    assert all(torch.isfinite(after[n]).all() and not torch.equal(after[n], t) for n, t in before.items())
+
+
+def _write_config(run_config, path, output_dir):
+    cfg = json.loads(json.dumps(run_config))
+    cfg["output_dir"] = str(output_dir)
+    cfg["method"]["dropout"] = 0.1  # exercises the RNG state across the resume
+    cfg["train"].update(max_steps=12, save_every=3, keep_last=2, schedule="cosine", warmup_steps=2,
+                        grad_accum=2)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lmadapt.cli", *args], env=env, **kw)
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(run_config, tmp_path):
+    """Kill a real training process with SIGKILL after its second checkpoint; the resumed run ends
+    bit-for-bit where an uninterrupted run ends."""
+    ref_cfg = _write_config(run_config, tmp_path / "ref.yaml", tmp_path / "ref")
+    cut_cfg = _write_config(run_config, tmp_path / "cut.yaml", tmp_path / "cut")
+    assert _cli("train", str(ref_cfg), "--no-progress").wait(timeout=300) == 0
+
+    proc = _cli("train", str(cut_cfg), "--no-progress", stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "cut" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpts / "step-0000006" / "trainer_state.json").exists():
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it could be killed")
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "adapter").exists(), "killed too late: the run had finished"
+    assert _cli("train", str(cut_cfg), "--resume", "--no-progress").wait(timeout=300) == 0
+
+    ref = load_file(str(tmp_path / "ref" / "adapter" / "adapter_model.safetensors"))
+    cut = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    assert ref.keys() == cut.keys()
+    for key in ref:
+        torch.testing.assert_close(cut[key], ref[key], rtol=0, atol=0)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 13))
+
+
+def test_resume_without_checkpoint_is_refused(run_config):
+    with pytest.raises(LmadaptError, match="no complete checkpoint"):
+        train(run_config, resume=True, progress=False)
+
+
+def test_cli_end_to_end_train_inspect_merge_generate_eval(run_config, tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(run_config))
+    assert _cli("train", str(cfg), "train.max_steps=4", "--no-progress").wait(timeout=300) == 0
+    adapter = Path(run_config["output_dir"]) / "adapter"
+
+    out = subprocess.run([sys.executable, "-m", "lmadapt.cli", "inspect", str(adapter)], capture_output=True,
+                         text=True, check=True).stdout
+    info = json.loads(out)
+    assert info["method"]["name"] == "lora" and info["tensors"] == 2 * 2 * 2
+
+    merged = tmp_path / "merged"
+    subprocess.run([sys.executable, "-m", "lmadapt.cli", "merge", "--model", str(tiny_model_dir), "--adapter",
+                    str(adapter), "--output", str(merged)], check=True, capture_output=True)
+    ids = torch.randint(0, 250, (2, 12))
+    plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+    from lmadapt.api import load
+
+    model, _, _ = load(str(tiny_model_dir), adapter)
+    torch.testing.assert_close(plain(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    again = subprocess.run([sys.executable, "-m", "lmadapt.cli", "merge", "--model", str(tiny_model_dir),
+                            "--adapter", str(adapter), "--output", str(merged)], capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+    gen = subprocess.run([sys.executable, "-m", "lmadapt.cli", "generate", "--model", str(tiny_model_dir),
+                          "--adapter", str(adapter), "--prompt", "Text: goal\nTopic:", "--max-new-tokens", "3"],
+                         capture_output=True, text=True)
+    assert gen.returncode == 0, gen.stderr
+
+    data = tmp_path / "eval.jsonl"
+    write_jsonl(data, [{"prompt": "Text: goal goal\nTopic:", "label": " sport"},
+                       {"prompt": "Text: chip\nTopic:", "label": " tech"}])
+    ev = subprocess.run([sys.executable, "-m", "lmadapt.cli", "eval", "--model", str(tiny_model_dir), "--adapter",
+                         str(adapter), "--task", "classification", "--data", str(data), "--compare"],
+                        capture_output=True, text=True)
+    assert ev.returncode == 0, ev.stderr
+    assert "accuracy" in ev.stdout
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("trian:\n  lr: 1\nmethod:\n  name: lora\n  r: zero\n")
+    res = subprocess.run([sys.executable, "-m", "lmadapt.cli", "train", str(cfg)], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "trian: unknown key. Did you mean 'train'?" in res.stderr
+    assert "method.r: expected int, got str 'zero'" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_adapter_on_the_wrong_base_is_refused(run_config, tiny_model_dir):
+    from lmadapt.testing import tiny_llama
+
+    train(run_config, progress=False)
+    other = tiny_llama(seed=1)
+    with pytest.raises(LmadaptError, match="fingerprint"):
+        load_adapter(other, Path(run_config["output_dir"]) / "adapter")
