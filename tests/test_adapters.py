@@ -15,6 +15,8 @@ from torch import nn
 
 import lmadapt.adapters as adapters
 from lmadapt.adapters import (
+    adapter_metadata,
+    write_record,
     CONFIG_NAME,
     WEIGHTS_NAME,
     adapter_metadata,
@@ -72,7 +74,7 @@ def test_peft_loads_an_lmadapt_adapter(cfg: dict, tmp_path: Path) -> None:
     assert (expected - logits(tiny_llama())).abs().max() > 1e-3
     save(model, method, tmp_path / "a")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # PEFT warns that it ignores the "lmadapt" key (see below)
+        warnings.simplefilter("ignore")  # transformers' own deprecation warnings inside PEFT
         peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a").eval()
     adapted = sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
                      if hasattr(m, "lora_A") and len(m.lora_A))
@@ -80,17 +82,17 @@ def test_peft_loads_an_lmadapt_adapter(cfg: dict, tmp_path: Path) -> None:
     close(logits(peft_model), expected)
 
 
-def test_peft_tolerates_the_lmadapt_key(tmp_path: Path) -> None:
+def test_peft_reads_our_config_without_complaint(tmp_path: Path) -> None:
     model, method = lora_model(target_modules=["q_proj"])
     save(model, method, tmp_path / "a")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cfg = PeftConfig.from_pretrained(str(tmp_path / "a"))
     assert cfg.peft_type == "LORA" and cfg.r == 4 and cfg.lora_alpha == 8
-    assert not hasattr(cfg, "lmadapt")
-    # PEFT 0.21 ignores unknown keys with a UserWarning naming them (and suggesting an upgrade).
-    assert all("lmadapt" in str(w.message) for w in caught if "Unexpected keyword" in str(w.message))
-    assert read_adapter_info(tmp_path / "a").source == "lmadapt"
+    assert not [w for w in caught if "Unexpected keyword" in str(w.message)]
+    assert "lmadapt" not in json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    info = read_adapter_info(tmp_path / "a")  # the record lives in the safetensors header
+    assert info.source == "lmadapt" and info.method["r"] == 4
 
 
 # --- PEFT -> lmadapt ---------------------------------------------------------------------------------
@@ -157,7 +159,7 @@ def test_save_writes_two_files_no_pickle_and_provenance(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary folder left beside it
     with safe_open(str(tmp_path / "a" / WEIGHTS_NAME), framework="pt") as fh:
         assert len(list(fh.keys())) == 4
-    assert adapter_metadata(tmp_path / "a")["lmadapt_base_fingerprint"] == fp
+    assert json.loads(adapter_metadata(tmp_path / "a")["lmadapt"])["base_fingerprint"] == fp
     info = read_adapter_info(tmp_path / "a")
     assert (info.source, info.base_model, info.base_fingerprint) == ("lmadapt", "tiny-llama", fp)
     assert build_method(info.method).config == method.config
@@ -243,10 +245,9 @@ def test_unknown_peft_type_and_bad_method_config_are_adapter_errors(tmp_path: Pa
 
     model, method = lora_model(target_modules=["q_proj"])
     save(model, method, tmp_path / "a")
-    cfg_file = tmp_path / "a" / CONFIG_NAME
-    cfg = json.loads(cfg_file.read_text())
-    cfg["lmadapt"]["method"]["rank"] = cfg["lmadapt"]["method"].pop("r")
-    cfg_file.write_text(json.dumps(cfg))
+    record = json.loads(adapter_metadata(tmp_path / "a")["lmadapt"])
+    record["method"]["rank"] = record["method"].pop("r")
+    write_record(tmp_path / "a", record)
     with pytest.raises(AdapterError, match=r"(?s)adapter_config\.json.*method\.rank: unknown key"):
         load_adapter(tiny_llama(), tmp_path / "a")
 
@@ -254,15 +255,14 @@ def test_unknown_peft_type_and_bad_method_config_are_adapter_errors(tmp_path: Pa
 def test_mismatched_tensors_are_refused(tmp_path: Path) -> None:
     model, method = lora_model(target_modules=["q_proj"])
     save(model, method, tmp_path / "a")
-    cfg_file = tmp_path / "a" / CONFIG_NAME
-    cfg = json.loads(cfg_file.read_text())
-    cfg["lmadapt"]["method"]["r"] = 2
-    cfg_file.write_text(json.dumps(cfg))
+    record = json.loads(adapter_metadata(tmp_path / "a")["lmadapt"])
+    record["method"]["r"] = 2
+    write_record(tmp_path / "a", record)
     with pytest.raises(AdapterError, match="saved shape"):
         load_adapter(tiny_llama(), tmp_path / "a")
-    cfg["lmadapt"]["method"]["r"] = 4
-    cfg["lmadapt"]["method"]["target_modules"] = ["q_proj", "v_proj"]
-    cfg_file.write_text(json.dumps(cfg))
+    record["method"]["r"] = 4
+    record["method"]["target_modules"] = ["q_proj", "v_proj"]
+    write_record(tmp_path / "a", record)
     with pytest.raises(AdapterError, match="missing"):
         load_adapter(tiny_llama(), tmp_path / "a")
 

@@ -17,8 +17,8 @@ _EXPORTS = {
     "load": "lmadapt.api",
     "merge": "lmadapt.api",
     "inspect": "lmadapt.api",
-    "evaluate": "lmadapt.evaluate",
-    "generate": "lmadapt.generate",
+    "evaluate": "lmadapt.evaluation",
+    "generate": "lmadapt.generation",
     "load_adapter": "lmadapt.adapters",
     "save_adapter": "lmadapt.adapters",
 }

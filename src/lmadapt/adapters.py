@@ -1,11 +1,11 @@
 """The adapter format: ``adapter_model.safetensors`` + ``adapter_config.json`` in one folder.
 
 For methods PEFT also has (LoRA), both files follow PEFT's layout, so ``PeftModel.from_pretrained``
-loads an lmadapt adapter and lmadapt loads a PEFT one. lmadapt adds, without disturbing PEFT:
-
-- ``adapter_config.json["lmadapt"]``: the method name, its full config, the base model's name and
-  fingerprint, and the lmadapt version;
-- the same base name and fingerprint in the safetensors header metadata.
+loads an lmadapt adapter and lmadapt loads a PEFT one. lmadapt adds, without disturbing PEFT, a *record*: the method name and full config, the base model's
+name and fingerprint, and the lmadapt version. It is stored as JSON under the key ``lmadapt`` of the
+safetensors header metadata (which PEFT ignores), and, for methods PEFT does not have, also as
+``adapter_config.json["lmadapt"]`` (PEFT warns about unknown keys in its config, so LoRA's JSON
+stays PEFT's own).
 
 No pickles are read or written.
 """
@@ -27,6 +27,7 @@ from lmadapt.methods import Method, build_method, method_for_peft_type, method_s
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
+RECORD_KEY = "lmadapt"
 
 
 @dataclass
@@ -50,9 +51,10 @@ def save_adapter(model: nn.Module, method: Method, path: str | Path, *, base_mod
     state = {k: v.detach().to("cpu").contiguous() for k, v in method.adapter_state(model).items()}
     own = {"method": method_spec(method), "base_model": base_model,
            "base_fingerprint": base_fingerprint, "version": __version__, **(extra or {})}
-    config = {**method.adapter_config(), "base_model_name_or_path": base_model, "lmadapt": own}
-    meta = {"format": "pt", "lmadapt_method": method.name, "lmadapt_base_model": str(base_model),
-            "lmadapt_base_fingerprint": str(base_fingerprint)}
+    config = {**method.adapter_config(), "base_model_name_or_path": base_model}
+    if method.peft_type is None:
+        config["lmadapt"] = own
+    meta = {"format": "pt", RECORD_KEY: json.dumps(own)}
     with atomic_dir(path, overwrite=overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata=meta)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -71,7 +73,7 @@ def read_adapter_info(path: str | Path) -> AdapterInfo:
         config = json.loads(cfg_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{cfg_file}: not valid JSON ({exc})") from None
-    own = config.get("lmadapt")
+    own = config.get(RECORD_KEY) or _header_record(weights)
     if own:
         return AdapterInfo(path, own["method"], own.get("base_model"), own.get("base_fingerprint"),
                            "lmadapt", config)
@@ -84,6 +86,33 @@ def read_adapter_info(path: str | Path) -> AdapterInfo:
     except (ValueError, KeyError) as exc:
         raise AdapterError(f"{cfg_file}: {exc}") from None
     return AdapterInfo(path, spec, config.get("base_model_name_or_path"), None, "peft", config)
+
+
+def _header_record(weights: Path) -> dict[str, Any] | None:
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get(RECORD_KEY)
+    except Exception:  # unreadable: loading the tensors will report it with the file's name
+        return None
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise AdapterError(f"{weights}: the '{RECORD_KEY}' header entry is not valid JSON") from None
+
+
+def write_record(path: str | Path, record: dict[str, Any]) -> None:
+    """Replace the lmadapt record of an adapter folder (header, and the JSON copy when there is one)."""
+    path = Path(path)
+    tensors = load_file(str(path / WEIGHTS_NAME))
+    meta = adapter_metadata(path)
+    meta[RECORD_KEY] = json.dumps(record)
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata=meta)
+    config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+    if RECORD_KEY in config:
+        config[RECORD_KEY] = record
+        (path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def read_adapter_tensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ def _cmd_help_config(args: argparse.Namespace) -> int:
 
 def _eval_config(args: argparse.Namespace):
     from lmadapt.config import from_dict
-    from lmadapt.evaluate import EvalConfig
+    from lmadapt.evaluation import EvalConfig
 
     spec = {"task": args.task, "data": args.data, "chat": args.chat}
     if args.labels:
@@ -47,7 +47,7 @@ def _eval_config(args: argparse.Namespace):
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from lmadapt.api import load
-    from lmadapt.evaluate import compare_table, evaluate
+    from lmadapt.evaluation import compare_table, evaluate
 
     cfg = _eval_config(args)
     model, tok, method = load(args.model, args.adapter, dtype=args.dtype, force=args.force)
@@ -65,7 +65,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from lmadapt.api import load
-    from lmadapt.generate import generate
+    from lmadapt.generation import generate
 
     model, tok, _ = load(args.model, args.adapter, dtype=args.dtype, force=args.force)
     prompts = list(args.prompt) or [line.rstrip("\n") for line in sys.stdin if line.strip()]

@@ -59,7 +59,7 @@ def demo_config(output_dir: str, *, overwrite: bool = False, quick: bool = False
 def run_demo(output_dir: str = "runs/demo", *, overwrite: bool = False, quick: bool = False) -> dict[str, Any]:
     """Run the demo and return its report (also written to ``output_dir/report.json``)."""
     from lmadapt.api import load
-    from lmadapt.generate import generate
+    from lmadapt.generation import generate
     from lmadapt.train import train
 
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731

@@ -21,14 +21,17 @@ class ConfigError(LmadaptError):
 class DataError(LmadaptError):
     """Malformed training or evaluation data; every problem names file, line and field."""
 
-    def __init__(self, problems: list[str], total: int | None = None) -> None:
+    SKIP_HINT = "Fix the rows, or set data.skip_bad_rows=true to skip them and train on the rest."
+
+    def __init__(self, problems: list[str], total: int | None = None, hint: str | None = SKIP_HINT) -> None:
         self.problems = list(problems)
         shown = self.problems[:20]
         n = total if total is not None else len(self.problems)
         lines = [f"{n} malformed row(s) in the data:"] + [f"  - {p}" for p in shown]
         if n > len(shown):
             lines.append(f"  ... and {n - len(shown)} more")
-        lines.append("Fix the rows, or set data.skip_bad_rows=true to skip them and train on the rest.")
+        if hint:
+            lines.append(hint)
         super().__init__("\n".join(lines))
 
 

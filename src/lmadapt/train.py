@@ -24,7 +24,7 @@ from lmadapt.config import (ConfigError, deep_merge, from_dict, option, parse_ov
                             to_dict)
 from lmadapt.data import Batcher, DataConfig, load_splits
 from lmadapt.errors import LmadaptError
-from lmadapt.evaluate import EvalConfig, compare_table, evaluate
+from lmadapt.evaluation import EvalConfig, compare_table, evaluate
 from lmadapt.fsutil import atomic_write_json, atomic_write_text, check_output_dir
 from lmadapt.loop import LoopResult, TrainConfig, Trainer
 from lmadapt.methods import Method, build_method, method_problems

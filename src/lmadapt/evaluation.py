@@ -5,7 +5,7 @@ Each task is a function on in-memory examples; :func:`evaluate` reads the exampl
 dispatches. :func:`compare_table` shows base vs adapted.
 
 Scoring rule (multiple choice and classification). The prompt becomes token ids as in
-:func:`lmadapt.generate.encode_prompt` (as written, or a chat turn with the assistant's turn opened);
+:func:`lmadapt.generation.encode_prompt` (as written, or a chat turn with the assistant's turn opened);
 each candidate (choice or label) is tokenized *on its own, as written, without special tokens*, and
 appended. Its score is the log-likelihood of those tokens given the prompt::
 
@@ -37,7 +37,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmadapt.config import option
 from lmadapt.errors import DataError, LmadaptError
-from lmadapt.generate import encode_prompt, eval_mode, generate
+from lmadapt.generation import encode_prompt, eval_mode, generate
 
 Task = Literal["perplexity", "generation", "multiple_choice", "classification"]
 Strategy = Literal["auto", "cached", "batched"]
@@ -263,7 +263,7 @@ def check_examples(task: Task, examples: list[dict[str, Any]]) -> None:
     """Raise :class:`DataError` listing every malformed in-memory example (by index and field)."""
     problems = [f"example {i}: {p}" for i, ex in enumerate(examples) for p in _field_problems(task, ex, {})]
     if problems:
-        raise DataError(problems)
+        raise DataError(problems, hint="Fix these rows of the evaluation data.")
     if not examples:
         raise LmadaptError(f"{task}: no examples to evaluate")
 
@@ -405,7 +405,7 @@ def _gold_labels(examples: list[dict[str, Any]], labels: list[str]) -> list[str]
             problems.append(f"example {i}: field 'label': {ex['label']!r} is not one of the labels {labels}")
         out.append(label)
     if problems:
-        raise DataError(problems)
+        raise DataError(problems, hint="Fix these rows of the evaluation data.")
     return out
 
 
@@ -443,7 +443,7 @@ def load_examples(cfg: EvalConfig) -> list[dict[str, Any]]:
         problems += [f"{record.source}: {p}" for p in found]
         examples.append({key: record.data.get(name) for key, name in names.items() if key in _FIELDS[cfg.task]})
     if problems:
-        raise DataError(problems)
+        raise DataError(problems, hint="Fix these rows of the evaluation data.")
     if not examples:
         raise LmadaptError(f"eval: no examples in {', '.join(cfg.data)}")
     return examples

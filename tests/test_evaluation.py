@@ -15,13 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lmadapt.evaluate as ev
+import lmadapt.evaluation as ev
 from lmadapt.config import from_dict
 from lmadapt.errors import ConfigError, DataError
-from lmadapt.evaluate import (EvalConfig, classification_accuracy, compare_table, evaluate,
+from lmadapt.evaluation import (EvalConfig, classification_accuracy, compare_table, evaluate,
                               generation_accuracy, multiple_choice_accuracy, normalize_answer, perplexity,
                               score_continuations)
-from lmadapt.generate import encode_prompt, generate, left_pad, stop_token_ids
+from lmadapt.generation import encode_prompt, generate, left_pad, stop_token_ids
 
 TEXTS = ["The cat sat on the mat.", "Hi", "A somewhat longer sentence about language models and data.",
          "x" * 40]

@@ -4,7 +4,7 @@ A thin layer over ``model.generate`` (transformers), which does the decoding, th
 top-k / top-p sampling. This module decides what goes in (how a prompt becomes token ids, how a
 batch is padded, when to stop) and what comes out (only the new text, special tokens removed).
 
-Prompt rule, shared with :mod:`lmadapt.evaluate`: with ``chat=False`` a prompt is tokenized as
+Prompt rule, shared with :mod:`lmadapt.evaluation`: with ``chat=False`` a prompt is tokenized as
 written, with the tokenizer's own special tokens (a BOS token for tokenizers that add one); with
 ``chat=True`` it becomes one user turn (after an optional system turn), rendered by the tokenizer's
 chat template with the assistant's turn opened (``add_generation_prompt=True``).
