@@ -82,7 +82,8 @@ class NonFiniteLoss(LmadaptError):
 @dataclass
 class LoopResult:
     steps: int
-    tokens: int
+    tokens: int  # loss-bearing tokens
+    input_tokens: int  # every real token processed
     seconds: float
     final_loss: float | None
     val_loss: float | None
@@ -150,7 +151,9 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.warmup = cfg.warmup_steps or round(cfg.warmup_ratio * self.total_steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-        self.state: dict[str, Any] = {"step": 0, "micro": 0, "tokens": 0, "skipped": 0, "elapsed": 0.0}
+        # tokens: loss-bearing ("useful") tokens; input_tokens: every real (non-padding) token processed
+        self.state: dict[str, Any] = {"step": 0, "micro": 0, "tokens": 0, "input_tokens": 0, "skipped": 0,
+                                      "elapsed": 0.0}
         self._plans: dict[int, list] = {}
 
     # --- data ----------------------------------------------------------------------------------
@@ -176,6 +179,7 @@ class Trainer:
         cfg, model = self.cfg, self.model
         micro = [self._micro_batch(self.state["micro"] + i) for i in range(cfg.grad_accum)]
         n_target = max(1, sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro))
+        self.state["input_tokens"] += sum(int(mb.get("num_tokens", mb["input_ids"].numel())) for mb in micro)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         ctx = None
@@ -257,7 +261,8 @@ class Trainer:
         self.model.train()
         history: list[dict[str, Any]] = []
         last_loss = val_loss = None
-        t_start, tokens_start = time.perf_counter() - state["elapsed"], state["tokens"]
+        t_start = time.perf_counter() - state["elapsed"]
+        tokens_start, inputs_start = state["tokens"], state["input_tokens"]
         t_resume = time.perf_counter()
         try:
             while state["step"] < self.total_steps:
@@ -265,13 +270,16 @@ class Trainer:
                 state["step"] += 1
                 state["micro"] += cfg.grad_accum
                 state["elapsed"] = time.perf_counter() - t_start
-                speed = (state["tokens"] - tokens_start) / max(1e-9, time.perf_counter() - t_resume)
+                since = max(1e-9, time.perf_counter() - t_resume)
+                speed = (state["tokens"] - tokens_start) / since
+                input_speed = (state["input_tokens"] - inputs_start) / since
                 lr = self.optimizer.param_groups[0]["lr"]
                 if loss is not None:
                     last_loss = loss
                 record = {"step": state["step"], "epoch": state["micro"] / len(self.train_batcher),
                           "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens"],
-                          "tokens_per_s": round(speed, 1), "elapsed_s": round(state["elapsed"], 2)}
+                          "input_tokens": state["input_tokens"], "tokens_per_s": round(input_speed, 1),
+                          "useful_tokens_per_s": round(speed, 1), "elapsed_s": round(state["elapsed"], 2)}
                 if loss is None:
                     record = {**record, "skipped": True, "loss": None}
                     record.pop("loss")
@@ -279,7 +287,7 @@ class Trainer:
                     log.log(record)
                     history.append(record)
                 bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "skip", lr=f"{lr:.2e}",
-                                tok_s=f"{speed:.0f}")
+                                tok_s=f"{input_speed:.0f}")
                 bar.update(1)
                 at_end = state["step"] == self.total_steps
                 if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or at_end:
@@ -297,5 +305,5 @@ class Trainer:
             bar.close()
             log.close()
             self.model.eval()
-        return LoopResult(state["step"], state["tokens"], state["elapsed"], last_loss, val_loss,
+        return LoopResult(state["step"], state["tokens"], state["input_tokens"], state["elapsed"], last_loss, val_loss,
                           state["skipped"], history)

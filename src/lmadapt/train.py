@@ -198,6 +198,8 @@ def _report(cfg: RunConfig, method: Method, data_report: Any, result: LoopResult
         "target_tokens": result.tokens,
         "seconds": round(result.seconds, 2),
         "target_tokens_per_s": round(result.tokens / max(result.seconds, 1e-9), 1),
+        "input_tokens": result.input_tokens,
+        "input_tokens_per_s": round(result.input_tokens / max(result.seconds, 1e-9), 1),
         "final_train_loss": result.final_loss,
         "final_val_loss": result.val_loss,
         "skipped_steps": result.skipped_steps,

@@ -106,7 +106,8 @@ class Batcher:
 
     def collate(self, batch: Batch | list[int]) -> dict[str, torch.Tensor]:
         """Tensors of one batch: input_ids, labels, position_ids (B, L), attention_mask (unpacked only),
-        num_target_tokens (labels that count after the model's one-token shift).
+        num_target_tokens (labels that count after the model's one-token shift), num_tokens (real,
+        non-padding tokens).
 
         A bare index in ``batch`` is a row of one example.
         """
@@ -130,7 +131,7 @@ class Batcher:
             # padding is a sequence of its own when packed (positions restart), the tail otherwise
             position_ids[b, pos:] = torch.arange(width - pos) + (0 if self.packing else pos)
         out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-               "num_target_tokens": (labels[:, 1:] != IGNORE).sum()}
+               "num_target_tokens": (labels[:, 1:] != IGNORE).sum(), "num_tokens": torch.tensor(sum(used))}
         if not self.packing:
             out["attention_mask"] = (torch.arange(width)[None, :] < torch.tensor(used)[:, None]).long()
         return out
