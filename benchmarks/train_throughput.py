@@ -6,8 +6,9 @@ completion only), one after the other, each in its own fresh process so that pea
 lmadapt runs one epoch over the examples with its defaults (packing); the Trainer runs the same
 examples once with padding, either in random order or grouped by length.
 
-Useful tokens are the tokens that carry loss; both sides process exactly the same set, so the ratio
-of useful tokens/s is the ratio of wall-clock training time. Model loading is not timed; peak RSS
+Useful tokens are the real (non-padding) tokens of the examples; both sides process exactly the same
+examples once, so the ratio of useful tokens/s is the ratio of wall-clock training time. Padding
+and packing slots are not useful tokens. Model loading is not timed; peak RSS
 includes it (both load the same cached fp32 folder).
 
     python benchmarks/train_throughput.py                    # SmolLM2-135M-Instruct, 96 examples
@@ -72,7 +73,7 @@ def worker_lmadapt(args: argparse.Namespace, folder: str, data_file: Path, out_d
            "output_dir": str(out_dir), "overwrite": True}
     result = train(cfg, progress=False)
     losses = [r["loss"] for r in result.loop.history if "loss" in r]
-    return {"useful_tokens": result.loop.tokens, "seconds": result.loop.seconds, "steps": result.loop.steps,
+    return {"useful_tokens": result.loop.input_tokens, "seconds": result.loop.seconds, "steps": result.loop.steps,
             "first_loss": losses[0], "final_loss": losses[-1]}
 
 
@@ -89,7 +90,7 @@ def worker_hf(args: argparse.Namespace, folder: str, data_file: Path, out_dir: P
     dataset, _, _ = load_splits(from_dict(DataConfig, _data_config(args, data_file)), tok)
     examples = [{"input_ids": ids, "labels": labels, "length": len(ids)}
                 for ids, labels in zip(dataset.input_ids, dataset.labels)]
-    useful = sum(sum(1 for t in labels[1:] if t != -100) for labels in dataset.labels)
+    useful = sum(len(ids) for ids in dataset.input_ids)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,

@@ -217,3 +217,32 @@ def test_adapter_on_the_wrong_base_is_refused(run_config, tiny_model_dir):
     other = tiny_llama(seed=1)
     with pytest.raises(LmadaptError, match="fingerprint"):
         load_adapter(other, Path(run_config["output_dir"]) / "adapter")
+
+
+def test_loss_on_target_positions_only_equals_the_full_loss(model, tokenizer):
+    """Asking for logits only where labels carry loss gives the same loss and gradients as full logits."""
+    import torch.nn.functional as F
+
+    from lmadapt.methods import build_method
+    from lmadapt.objectives import causal_lm_loss, target_positions
+
+    method = build_method({"name": "lora", "r": 4, "init": "random", "target_modules": ["all-linear"]})
+    method.apply(model)
+    ids = torch.randint(0, 250, (3, 40))
+    labels = torch.full_like(ids, -100)
+    labels[0, 30:34] = ids[0, 30:34]
+    labels[1, 10:12] = ids[1, 10:12]
+    labels[2, 39] = ids[2, 39]
+    batch = {"input_ids": ids, "labels": labels}
+    assert target_positions(model, labels).tolist() == [9, 10, 29, 30, 31, 32, 38]
+    loss, n, out = causal_lm_loss(model, batch)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    full = model(input_ids=ids).logits[:, :-1].float()
+    ref = F.cross_entropy(full.reshape(-1, full.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum")
+    ref.backward()
+    assert n == 7 and out.logits.shape[1] == 7
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
+    for g, p in zip(grads, [p for p in model.parameters() if p.requires_grad]):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)

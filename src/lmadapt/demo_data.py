@@ -23,8 +23,10 @@ LABELS: list[str] = ["business", "entertainment", "politics", "sport", "tech"]
 """Label words, in this order; the package names the ``sport`` folder ``sports``."""
 
 MAX_WORDS = 150
-"""Words of the article (headline first) kept in the prompt: ~200 SmolLM2 tokens, enough for ~95%
-accuracy after tuning while keeping the CPU demo at about ten minutes."""
+"""Words of the article (headline first) kept in the prompt. With SmolLM2's chat template (default
+system prompt and reply included) a row is 268 tokens on average, 385 at most: ``max_length: 400``
+never cuts one.
+LoRA on 256 rows reached 96% held-out accuracy at 150 words against 92% at 100 words."""
 
 PROMPT = (
     "What is the topic of this BBC News article? Answer with one word: "

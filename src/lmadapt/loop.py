@@ -188,7 +188,7 @@ class Trainer:
             with _autocast(self.device, cfg.precision):
                 loss_sum, n, outputs = self.loss_fn(model, mb)
                 ctx = StepContext(model, mb, self.state["step"], self.total_steps, outputs, self.optimizer,
-                                  _base_logits=lambda mb=mb: self._base_logits(mb))
+                                  _base_logits=lambda mb=mb, o=outputs: self._base_logits(mb, o))
                 loss = loss_sum / n_target
                 extra = self.method.extra_loss(ctx)
                 if extra is not None:
@@ -230,9 +230,12 @@ class Trainer:
                             f"--resume, or set train.nan_policy=skip to skip such steps.")
 
     @torch.no_grad()
-    def _base_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+    def _base_logits(self, batch: dict[str, Any], outputs: Any) -> torch.Tensor:
+        """Frozen-base logits at the same positions as ``outputs.logits``."""
+        positions = getattr(outputs, "logit_positions", None)
+        extra = {} if positions is None else {"logits_to_keep": positions}
         with adapters_disabled(self.model):
-            return self.model(**model_inputs(batch), use_cache=False).logits
+            return self.model(**model_inputs(batch), use_cache=False, **extra).logits
 
     @torch.no_grad()
     def validate(self) -> float | None:

@@ -3,6 +3,8 @@ continual pretraining both use it (the data decides which tokens carry loss thro
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -17,17 +19,51 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
 
 
+@functools.lru_cache(maxsize=64)
+def _takes_logits_to_keep(forward_type: type) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(forward_type.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def target_positions(model: nn.Module, labels: torch.Tensor) -> torch.Tensor | None:
+    """Sequence positions whose next token carries loss in any row, or None to keep every position.
+
+    With prompt masking most positions predict nothing that is trained; asking the model for logits
+    only at these positions (transformers' ``logits_to_keep``) skips most of the output projection
+    and the full-vocabulary logits, which dominate SFT on short answers. Kept only when it saves
+    at least a quarter of the positions.
+    """
+    if not _takes_logits_to_keep(type(model)):
+        return None
+    wanted = (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()
+    if wanted.numel() > 0.75 * (labels.shape[1] - 1):
+        return None
+    return wanted
+
+
 def causal_lm_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int, Any]:
     """Summed next-token cross-entropy over the tokens whose label is not -100.
 
     Returns (loss_sum, n_target_tokens, model_outputs). The loop divides by the tokens of the whole
     accumulated step, so every target token weighs the same however the step was split.
         loss = - sum_t log p(x_{t+1} | x_{<=t}) over target positions t
+    ``outputs.logits`` holds the logits at ``outputs.logit_positions`` (None: every position but
+    the last is used).
     """
-    outputs = model(**model_inputs(batch), use_cache=False)
-    logits = outputs.logits[:, :-1, :]
-    labels = batch["labels"][:, 1:].to(logits.device)
-    n_tokens = int((labels != -100).sum())
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+    labels = batch["labels"]
+    positions = target_positions(model, labels)
+    if positions is None:
+        outputs = model(**model_inputs(batch), use_cache=False)
+        logits = outputs.logits[:, :-1, :]
+        targets = labels[:, 1:].to(logits.device)
+    else:
+        outputs = model(**model_inputs(batch), use_cache=False, logits_to_keep=positions)
+        logits = outputs.logits
+        targets = labels[:, positions + 1].to(logits.device)
+    outputs.logit_positions = positions
+    n_tokens = int((targets != -100).sum())
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=-100, reduction="sum")
     return loss, n_tokens, outputs

@@ -46,13 +46,14 @@ class StepContext:
     batch: dict[str, torch.Tensor]
     step: int  # optimizer steps completed before this one
     max_steps: int
-    outputs: Any = None  # the model's output of the objective's forward (has .logits)
+    outputs: Any = None  # the objective's model output: .logits at .logit_positions (None: all positions)
     optimizer: torch.optim.Optimizer | None = None
     _base_logits: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def base_logits(self) -> torch.Tensor:
-        """Logits of the frozen base model on this batch: the same model with its adapters switched off.
+        """Logits of the frozen base model on this batch, at the same positions as ``outputs.logits``:
+        the same model with its adapters switched off.
 
         Computed once per step and only when a hook asks for it (BA-LoRA, self-distillation).
         """
