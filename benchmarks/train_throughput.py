@@ -3,8 +3,9 @@
 Both sides train the same model with the same LoRA config on the *same tokenized examples*
 (variable-length BBC News prompt/completion rows rendered with the chat template, loss on the
 completion only), one after the other, each in its own fresh process so that peak RSS is its own.
-lmadapt runs one epoch over the examples with its defaults (packing); the Trainer runs the same
-examples once with padding, either in random order or grouped by length.
+lmadapt runs one epoch over the examples with its default batching (length-grouped; ``--lmadapt-batching``
+picks packed or padded); the Trainer runs the same examples once with padding, grouped by length
+(its best configuration here) or in random order.
 
 Useful tokens are the real (non-padding) tokens of the examples; both sides process exactly the same
 examples once, so the ratio of useful tokens/s is the ratio of wall-clock training time. Padding
@@ -59,7 +60,8 @@ def _model_folder(name: str, workdir: Path) -> str:
 
 
 def _data_config(args: argparse.Namespace, data_file: Path) -> dict:
-    return {"train": [str(data_file)], "use_chat_template": True, "max_length": args.max_length}
+    return {"train": [str(data_file)], "use_chat_template": True, "max_length": args.max_length,
+            "batching": args.lmadapt_batching}
 
 
 def worker_lmadapt(args: argparse.Namespace, folder: str, data_file: Path, out_dir: Path) -> dict:
@@ -153,6 +155,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--hf-group-by-length", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--lmadapt-batching", default="length_grouped", choices=["length_grouped", "packed", "padded"],
+                   help="how lmadapt forms batches (data.batching; its default is length_grouped)")
     p.add_argument("--worker", choices=["lmadapt", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -183,7 +187,7 @@ def main() -> None:
     print(f"model {args.model}, {args.examples} examples, batch {args.batch_size}, {args.precision}, "
           f"{args.threads} threads, LoRA r={LORA['r']} on all projections")
     print(f"{'':34} {'useful tok/s':>12} {'seconds':>9} {'steps':>6} {'peak RSS MB':>12} {'loss first→last':>18}")
-    for name, side in ((hf_name, hf), ("lmadapt (packing)", lm)):
+    for name, side in ((hf_name, hf), (f"lmadapt ({args.lmadapt_batching})", lm)):
         print(f"{name:34} {side['useful_tokens_per_s']:12.1f} {side['seconds']:9.1f} {side['steps']:6d} "
               f"{side['peak_rss_mb']:12.0f} {side['first_loss']:8.3f}→{side['final_loss']:.3f}")
     speedup = lm["useful_tokens_per_s"] / hf["useful_tokens_per_s"]
@@ -192,6 +196,7 @@ def main() -> None:
     print(json.dumps({
         "model": args.model, "examples": args.examples, "batch_size": args.batch_size,
         "precision": args.precision, "threads": args.threads, "useful_tokens": lm["useful_tokens"],
+        "lmadapt_batching": args.lmadapt_batching,
         "lmadapt_useful_tokens_per_s": round(lm["useful_tokens_per_s"], 1),
         "hf_useful_tokens_per_s": round(hf["useful_tokens_per_s"], 1),
         "speedup_useful_tokens_per_s": round(speedup, 3),

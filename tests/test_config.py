@@ -41,8 +41,8 @@ def test_cross_field_checks_name_the_key(run_config):
 
 
 def test_overrides_are_typed_and_nested(run_config):
-    assert parse_overrides(["train.lr=1e-4", "method.r=8", "data.packing=false"]) == {
-        "train": {"lr": 1e-4}, "method": {"r": 8}, "data": {"packing": False}}
+    assert parse_overrides(["train.lr=1e-4", "method.r=8", "data.batching=packed"]) == {
+        "train": {"lr": 1e-4}, "method": {"r": 8}, "data": {"batching": "packed"}}
     cfg = load_run_config(run_config, ["train.lr=1e-4", "method.r=16", "method.target_modules=[q_proj]"])
     assert cfg.train.lr == 1e-4 and cfg.method["r"] == 16 and cfg.method["target_modules"] == ["q_proj"]
     with pytest.raises(ConfigError, match="expected key=value"):

@@ -278,8 +278,8 @@ def test_long_text_is_split_into_chunks_without_losing_tokens(tmp_path, tokenize
 def test_validation_hold_out_is_seeded_and_disjoint(tmp_path, tokenizer):
     path = tmp_path / "t.jsonl"
     write_jsonl(path, make_rows(40))
-    train, val, report = load_splits(_cfg([path], validation_fraction=0.25, packing=False), tokenizer)
-    again, val_again, _ = load_splits(_cfg([path], validation_fraction=0.25, packing=False), tokenizer)
+    train, val, report = load_splits(_cfg([path], validation_fraction=0.25, batching="padded"), tokenizer)
+    again, val_again, _ = load_splits(_cfg([path], validation_fraction=0.25, batching="padded"), tokenizer)
     assert (len(train), len(val), report.validation_examples) == (30, 10, 10)
     assert val.sources == val_again.sources and not set(val.sources) & set(train.sources)
     other, _ = load_dataset(_cfg([path], validation_fraction=0.25, seed=1), tokenizer, split="validation")
@@ -292,10 +292,12 @@ def test_validation_hold_out_is_seeded_and_disjoint(tmp_path, tokenizer):
 
 def test_config_check_reports_contradictions():
     with pytest.raises(ConfigError) as err:
-        from_dict(DataConfig, {"packing": True, "group_by_length": True, "validation_fraction": 1.0,
+        from_dict(DataConfig, {"validation_fraction": 1.0,
                                "max_length": 1, "system_prompt": "x", "validation": ["v.jsonl"]})
     assert [p.split(":")[0] for p in err.value.problems] == [
-        "max_length", "validation_fraction", "validation_fraction", "group_by_length", "system_prompt"]
+        "max_length", "validation_fraction", "validation_fraction", "system_prompt"]
+    with pytest.raises(ConfigError, match="batching: 'packing' is not one of 'length_grouped', 'packed', 'padded'"):
+        from_dict(DataConfig, {"batching": "packing"})
     with pytest.raises(ConfigError, match="truncation: 'middle' is not one of 'right', 'left', 'drop'"):
         from_dict(DataConfig, {"truncation": "middle"})
     assert from_dict(DataConfig, {"train": "a.jsonl"}).train == ["a.jsonl"]

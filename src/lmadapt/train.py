@@ -159,7 +159,7 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
 
 def _batcher(dataset: Any, cfg: RunConfig, tokenizer: Any) -> Batcher:
     return Batcher(dataset, batch_size=cfg.train.batch_size, max_length=cfg.data.max_length,
-                   packing=cfg.data.packing, group_by_length=cfg.data.group_by_length,
+                   packing=cfg.data.batching == "packed", group_by_length=cfg.data.batching == "length_grouped",
                    pad_id=tokenizer.pad_token_id, seed=cfg.train.seed)
 
 

@@ -37,9 +37,12 @@ class DataConfig:
     truncation: Literal["right", "left", "drop"] = option(
         "right", "An over-long prompt/completion, instruction or chat example: keep its first max_length "
                  "tokens (right), its last (left), or drop it. Text documents are split into chunks instead.")
-    packing: bool = option(True, "Pack several examples into each row of max_length tokens; attention "
-                                 "and positions restart at every example.")
-    group_by_length: bool = option(False, "Without packing: batch examples of similar length to cut padding.")
+    batching: Literal["length_grouped", "packed", "padded"] = option(
+        "length_grouped", "length_grouped: batch examples of similar length (little padding); packed: several "
+        "examples per row of exactly max_length tokens, attention and positions restarting at each example "
+        "(best with a varlen attention kernel, e.g. flash-attention on GPU; on CPU the full-row attention "
+        "made it 2x slower than length_grouped in benchmarks/train_throughput.py); padded: random order, "
+        "padded to the longest in the batch.")
     loss_on_prompt: bool = option(False, "Also train on prompt / user / system tokens (not only on completions "
                                          "and assistant turns).")
     add_eos: bool = option(True, "End each completion and each text document with the EOS token.")
@@ -56,9 +59,6 @@ class DataConfig:
         if self.validation_fraction > 0 and self.validation:
             problems.append("validation_fraction: validation files are given too; use either files or a "
                             "hold-out fraction. Choose one.")
-        if self.packing and self.group_by_length:
-            problems.append("group_by_length: only applies without packing (packed rows are already full); "
-                            "set packing=false or group_by_length=false.")
         if self.system_prompt is not None and self.format == "chat":
             problems.append("system_prompt: chat rows carry their own system turns; system_prompt applies to "
                             "prompt_completion and instruction rows.")
