@@ -78,3 +78,9 @@ def test_schedules_against_hand_values(schedule, step, expected):
     got = lr_factor(step, total=6, warmup=1, schedule=schedule, decay_ratio=0.4)
     assert got == pytest.approx(expected, abs=1e-9)
     assert lr_factor(0, total=6, warmup=2, schedule=schedule) == pytest.approx(0.5)
+
+
+def test_training_without_data_names_the_key(run_config):
+    run_config["data"].pop("train")
+    with pytest.raises(ConfigError, match=r"data.train: required to train"):
+        load_run_config(run_config)

@@ -358,3 +358,17 @@ def test_with_the_real_data_module(model, tokenizer, tmp_path):
     cfg = from_dict(EvalConfig, {"task": "generation", "data": [path]})
     with pytest.raises(DataError, match=r"gen.jsonl:2.*field 'answer'"):
         evaluate(model, tokenizer, cfg, progress=False)
+
+
+def test_chat_prompts_use_the_same_fallback_template_as_training():
+    """A tokenizer without a chat template: generation/evaluation render chat prompts exactly as the
+    training data were rendered (lmadapt.data.FALLBACK_CHAT_TEMPLATE), so a model tuned on it can be evaluated."""
+    from lmadapt.data import render_chat
+    from lmadapt.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer(chat_template=False)
+    ids = encode_prompt(tok, "Name a fruit.", chat=True, system_prompt="Be brief.")
+    expected = render_chat(tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}],
+                           add_generation_prompt=True)
+    assert tok.decode(ids) == expected
+    assert expected.endswith("<|assistant|>\n") and "<|user|>\nName a fruit." in expected

@@ -1,4 +1,7 @@
-"""The public Python API. The CLI calls these functions and nothing else; a notebook calls them the same way.
+"""The public Python API: ``train``, ``load``, ``merge``, ``inspect``, ``evaluate``, ``generate``.
+
+Each CLI command is one call to these functions (or to ``lmadapt.train``/``evaluation``/``generation``,
+which they re-export); a notebook calls them the same way.
 
     import lmadapt
     result = lmadapt.train("examples/lora_sft.yaml", ["train.max_steps=100"])

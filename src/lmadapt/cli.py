@@ -40,7 +40,7 @@ def _eval_config(args: argparse.Namespace):
     spec = {"task": args.task, "data": args.data, "chat": args.chat}
     if args.labels:
         spec["labels"] = args.labels.split(",")
-    if args.max_examples:
+    if args.max_examples is not None:
         spec["max_examples"] = args.max_examples
     return from_dict(EvalConfig, spec, "command line")
 
@@ -50,6 +50,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from lmadapt.evaluation import compare_table, evaluate
 
     cfg = _eval_config(args)
+    if args.compare and not args.adapter:
+        raise LmadaptError("--compare evaluates the model with and without its adapter; give --adapter")
     model, tok, method = load(args.model, args.adapter, dtype=args.dtype, force=args.force)
     after = evaluate(model, tok, cfg)
     if method is not None and args.compare:
@@ -180,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lmadapt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `lmadapt config-help | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

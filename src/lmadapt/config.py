@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses read from YAML, checked field by field, every problem reported at once.
 
 Each section is a dataclass declared next to the code that uses it; each field is declared with
-:func:`option`, which carries the help text shown by ``lmadapt train --help-config``. This module
+:func:`option`, which carries the help text shown by ``lmadapt config-help``. This module
 only knows how to turn nested dicts (YAML, ``key=value`` overrides) into those dataclasses.
 """
 
@@ -27,7 +27,7 @@ _MISSING = dataclasses.MISSING
 
 
 def option(default: Any = _MISSING, help: str = "", *, default_factory: Any = _MISSING) -> Any:
-    """Declare a config field with its help text (shown in docs and ``--help-config``)."""
+    """Declare a config field with its help text (shown in docs and by ``lmadapt config-help``)."""
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata={"help": help})
     if isinstance(default, (list, dict, set)):
@@ -250,6 +250,11 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             rows += describe(tp, key + ".")
+            continue
+        item = get_args(tp)[0] if get_origin(tp) is list and get_args(tp) else None
+        if item is not None and dataclasses.is_dataclass(item):
+            rows.append((key, _type_name(tp), "[]", f.metadata.get("help", "") + " Each item has:"))
+            rows += describe(item, key + "[].")
             continue
         if f.default is not _MISSING:
             default = repr(f.default)

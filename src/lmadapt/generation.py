@@ -52,12 +52,11 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, *, chat: bool
         if not ids:
             ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
         return ids
-    if not getattr(tokenizer, "chat_template", None):
-        raise LmadaptError("chat=True, but this tokenizer has no chat template; use a chat (instruct) model's "
-                           "tokenizer or drop chat=True (--chat)")
+    from lmadapt.data import render_chat  # the same template (or fallback) that training used
+
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": prompt})
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = render_chat(tokenizer, messages, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False).input_ids)  # the template wrote the special tokens
 
 

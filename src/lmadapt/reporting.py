@@ -61,8 +61,12 @@ def plot_loss(records: list[dict[str, Any]], path: str | Path, title: str = "") 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         steps, losses = zip(*train)
-        ax.plot(steps, losses, color="#9ecae1", linewidth=0.8, label="train loss")
-        ax.plot(steps, _ema(list(losses), 0.9), color="#08519c", linewidth=1.6, label="train loss (EMA 0.9)")
+        window = max(1, len(losses) // 20)
+        ax.plot(steps, losses, color="#9ecae1" if window > 1 else "#08519c", linewidth=0.8 if window > 1 else 1.4,
+                label="train loss")
+        if window > 1:
+            ax.plot(steps, _moving_average(list(losses), window), color="#08519c", linewidth=1.6,
+                    label=f"train loss (mean of last {window} steps)")
     if val:
         steps, losses = zip(*val)
         ax.plot(steps, losses, "o-", color="#d94801", label="validation loss")
@@ -77,9 +81,12 @@ def plot_loss(records: list[dict[str, Any]], path: str | Path, title: str = "") 
     return Path(path)
 
 
-def _ema(values: list[float], decay: float) -> list[float]:
-    out, avg = [], None
+def _moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` values (shorter at the start): no lag beyond the window."""
+    out, total = [], 0.0
     for i, v in enumerate(values):
-        avg = v if avg is None else decay * avg + (1 - decay) * v
-        out.append(avg / 1.0 if i else v)
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
     return out

@@ -71,6 +71,9 @@ def load_run_config(source: str | Path | dict[str, Any] | RunConfig,
         problems += exc.problems
     if isinstance(data.get("method", {}), dict):
         problems += method_problems(data.get("method", {"name": "lora"}))
+    if cfg is not None and not cfg.data.train:
+        problems.append("data.train: required to train: give the training files or globs, "
+                        "e.g. data.train=[train.jsonl]")
     if problems:
         raise ConfigError(problems, where)
     return cfg

@@ -14,7 +14,7 @@ Format = Literal["auto", "text", "prompt_completion", "instruction", "chat"]
 class DataConfig:
     train: list[str] = option(
         [], "Training files or globs: .jsonl, .json, .csv, .parquet, or .txt/.md (one document per file). "
-            "Required to train; may be empty for evaluation-only configs.")
+            "Required to train.")
     validation: list[str] = option([], "Validation files or globs (same formats as train).")
     validation_fraction: float = option(
         0.0, "Without validation files: hold out this fraction of the training rows (seeded by data.seed).")

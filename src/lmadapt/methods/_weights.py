@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmadapt.methods.base import ParamGroup
+from lmadapt.methods.base import Method, ParamGroup
 
 NO_DECAY_MARKERS = ("bias", "norm", "embed")
 
@@ -46,3 +46,29 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             if dst.shape != src.shape:
                 raise ValueError(f"{name}: saved shape {tuple(src.shape)} != model's {tuple(dst.shape)}")
             dst.copy_(src)
+
+
+class WeightsMethod(Method):
+    """Shared by methods whose trained tensors are the base model's own weights (full, freeze).
+
+    ``apply`` sets ``requires_grad`` and ``self.names``; saving writes those weights under their base
+    keys, and merging has nothing to fold.
+    """
+
+    mergeable = True
+    names: list[str]
+
+    def parameter_groups(self, model: nn.Module) -> list[ParamGroup]:
+        return decay_groups(trainable_named(model))
+
+    def merge(self, model: nn.Module) -> None:
+        """Nothing to fold: the trained weights are the model."""
+
+    def unmerge(self, model: nn.Module) -> None:
+        """Nothing to undo."""
+
+    def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return weights_state(model, self.names)
+
+    def load_adapter_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        load_weights(model, state)

@@ -8,12 +8,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from lmadapt.config import option
-from lmadapt.methods._weights import decay_groups, load_weights, trainable_named, weights_state
-from lmadapt.methods.base import Method, ParamGroup, register
+from lmadapt.methods._weights import WeightsMethod, trainable_named
+from lmadapt.methods.base import register
 from lmadapt.tree import find_modules, freeze_all
 
 _BLOCK = re.compile(r"(.*\.)?(layers|h|blocks|block)\.(\d+)$")
@@ -41,7 +40,7 @@ def _blocks(model: nn.Module) -> list[str]:
 
 
 @register
-class Freeze(Method):
+class Freeze(WeightsMethod):
     """Train the chosen modules only."""
 
     name = "freeze"
@@ -65,18 +64,3 @@ class Freeze(Method):
             for p in module.parameters():
                 p.requires_grad_(True)
         self.names = [n for n, _ in trainable_named(model)]
-
-    def parameter_groups(self, model: nn.Module) -> list[ParamGroup]:
-        return decay_groups(trainable_named(model))
-
-    def merge(self, model: nn.Module) -> None:
-        """Nothing to fold: the trained weights are the model."""
-
-    def unmerge(self, model: nn.Module) -> None:
-        """Nothing to undo."""
-
-    def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return weights_state(model, self.names)
-
-    def load_adapter_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        load_weights(model, state)

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from lmadapt.config import option
-from lmadapt.methods._weights import decay_groups, load_weights, trainable_named, weights_state
-from lmadapt.methods.base import Method, ParamGroup, register
-
+from lmadapt.methods._weights import WeightsMethod, trainable_named
+from lmadapt.methods.base import register
 
 
 @dataclass
@@ -23,7 +21,7 @@ class FullConfig:
 
 
 @register
-class Full(Method):
+class Full(WeightsMethod):
     """All parameters train (optionally all but the embeddings)."""
 
     name = "full"
@@ -36,21 +34,3 @@ class Full(Method):
         if self.config.freeze_embeddings:
             model.get_input_embeddings().weight.requires_grad_(False)
         self.names = [n for n, _ in trainable_named(model)]
-
-    def parameter_groups(self, model: nn.Module) -> list[ParamGroup]:
-        return decay_groups(trainable_named(model))
-
-    def merge(self, model: nn.Module) -> None:
-        """Nothing to fold: the trained weights are the model."""
-
-    def unmerge(self, model: nn.Module) -> None:
-        """Nothing to undo."""
-
-    def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return weights_state(model, self.names)
-
-    def load_adapter_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        load_weights(model, state)
-
-
-
