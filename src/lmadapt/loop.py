@@ -283,9 +283,9 @@ class Trainer:
                           "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens"],
                           "input_tokens": state["input_tokens"], "tokens_per_s": round(input_speed, 1),
                           "useful_tokens_per_s": round(speed, 1), "elapsed_s": round(state["elapsed"], 2)}
-                if loss is None:
-                    record = {**record, "skipped": True, "loss": None}
-                    record.pop("loss")
+                if loss is None:  # a skipped step has no loss to report
+                    del record["loss"]
+                    record["skipped"] = True
                 if state["step"] % cfg.log_every == 0 or loss is None:
                     log.log(record)
                     history.append(record)
