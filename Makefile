@@ -22,7 +22,7 @@ install-test: install
 	$(PIP) install -q $(CONSTRAINTS) -e ".[test]"
 
 demo: install
-	lmadapt demo --overwrite
+	$(PYTHON) -m lmadapt demo --overwrite
 
 test: install-test
 	$(PYTHON) -m pytest -q
