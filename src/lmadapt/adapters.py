@@ -1,8 +1,9 @@
 """The adapter format: ``adapter_model.safetensors`` + ``adapter_config.json`` in one folder.
 
 For methods PEFT also has (LoRA), both files follow PEFT's layout, so ``PeftModel.from_pretrained``
-loads an lmadapt adapter and lmadapt loads a PEFT one. lmadapt adds, without disturbing PEFT, a *record*: the method name and full config, the base model's
-name and fingerprint, and the lmadapt version. It is stored as JSON under the key ``lmadapt`` of the
+loads an lmadapt adapter and lmadapt loads a PEFT one. lmadapt adds, without disturbing PEFT, a
+*record*: the method name and full config, the base model's name and fingerprint, and the lmadapt
+version. It is stored as JSON under the key ``lmadapt`` of the
 safetensors header metadata (which PEFT ignores), and, for methods PEFT does not have, also as
 ``adapter_config.json["lmadapt"]`` (PEFT warns about unknown keys in its config, so LoRA's JSON
 stays PEFT's own).

@@ -1,8 +1,9 @@
 """``lmadapt demo``: LoRA SFT of SmolLM2-135M-Instruct on BBC News topic classification, end to end.
 
-It is an ordinary run through the public API: the data are written as JSONL, a config dict is built
-(``lmadapt demo`` prints where the files went; docs/demo.md shows the same run as YAML), ``lmadapt.train`` trains with classification
-evaluations before and after, and a few held-out articles are answered by generation.
+It is an ordinary run through the public API: the data are written as JSONL into the cache folder, a
+config dict is built (``examples/bbc_demo.yaml`` spells out the same run), ``lmadapt.train`` trains
+with classification evaluations before and after, and a few held-out articles are answered by
+generation.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmadapt.demo_data import LABELS, bbc_news
+from lmadapt.fsutil import atomic_write_json
 from lmadapt.models import default_cache_dir
 
 # The recipe (measured on 2 CPU cores; figures in docs/demo.md): 512 training articles, the first 150
@@ -39,11 +41,15 @@ def _write_jsonl(rows: list[dict], path: Path, keys: tuple[str, ...]) -> None:
 
 
 def demo_config(output_dir: str, *, overwrite: bool = False, quick: bool = False,
-                data_dir: Path | None = None) -> dict[str, Any]:
-    """The demo's run config; writes its train/test JSONL files into ``data_dir`` (a cache folder)."""
+                data_dir: Path | None = None,
+                split: tuple[list[dict], list[dict], list[str]] | None = None) -> dict[str, Any]:
+    """The demo's run config; writes its train/test JSONL files into ``data_dir`` (a cache folder).
+
+    ``split`` is ``bbc_news(seed=0, n_test=SPLIT_TEST)`` when the caller has already read it.
+    """
     n_train = QUICK["train_examples"] if quick else TRAIN_EXAMPLES
     n_test = QUICK["test_examples"] if quick else TEST_EXAMPLES
-    train_rows, test_rows, labels = bbc_news(seed=0, n_test=SPLIT_TEST)
+    train_rows, test_rows, labels = split or bbc_news(seed=0, n_test=SPLIT_TEST)
     data_dir = data_dir or default_cache_dir() / "demo-data"
     train_file, test_file = data_dir / f"bbc_train_{n_train}.jsonl", data_dir / f"bbc_test_{n_test}.jsonl"
     _write_jsonl(train_rows[:n_train], train_file, ("prompt", "completion"))
@@ -65,7 +71,8 @@ def run_demo(output_dir: str = "runs/demo", *, overwrite: bool = False, quick: b
     from lmadapt.train import train
 
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    cfg = demo_config(output_dir, overwrite=overwrite, quick=quick)
+    split = bbc_news(seed=0, n_test=SPLIT_TEST)
+    cfg = demo_config(output_dir, overwrite=overwrite, quick=quick, split=split)
     say(f"lmadapt demo: LoRA on SmolLM2-135M-Instruct, BBC News topics ({', '.join(LABELS)}); "
         f"{'quick smoke run' if quick else 'about 10 minutes on 2 CPU cores'}")
     result = train(cfg)
@@ -73,7 +80,7 @@ def run_demo(output_dir: str = "runs/demo", *, overwrite: bool = False, quick: b
     say(f"held-out accuracy: base (zero-shot) {before['accuracy']:.1%} -> LoRA {after['accuracy']:.1%} "
         f"on {after['n']} articles")
 
-    _, test_rows, _ = bbc_news(seed=0, n_test=SPLIT_TEST)
+    test_rows = split[1]
     model, tokenizer, _ = load(cfg["model"]["name_or_path"], adapter=result.adapter_dir)
     shown = test_rows[TEST_EXAMPLES - 4:TEST_EXAMPLES]
     answers = generate(model, tokenizer, [r["prompt"] for r in shown], chat=True, max_new_tokens=5)
@@ -86,5 +93,5 @@ def run_demo(output_dir: str = "runs/demo", *, overwrite: bool = False, quick: b
                       "test_articles": after["n"], "generations": [
                           {"headline": r["text"].splitlines()[0], "answer": a, "label": r["label"]}
                           for r, a in zip(shown, answers)]}
-    (Path(output_dir) / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    atomic_write_json(Path(output_dir) / "report.json", report)
     return report

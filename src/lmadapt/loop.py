@@ -308,5 +308,5 @@ class Trainer:
             bar.close()
             log.close()
             self.model.eval()
-        return LoopResult(state["step"], state["tokens"], state["input_tokens"], state["elapsed"], last_loss, val_loss,
-                          state["skipped"], history)
+        return LoopResult(state["step"], state["tokens"], state["input_tokens"], state["elapsed"], last_loss,
+                          val_loss, state["skipped"], history)

@@ -45,7 +45,6 @@ class Freeze(WeightsMethod):
 
     name = "freeze"
     config_class = FreezeConfig
-    mergeable = True
 
     def apply(self, model: nn.Module) -> None:
         freeze_all(model)

@@ -26,7 +26,6 @@ class Full(WeightsMethod):
 
     name = "full"
     config_class = FullConfig
-    mergeable = True
 
     def apply(self, model: nn.Module) -> None:
         for p in model.parameters():
