@@ -246,3 +246,21 @@ def test_loss_on_target_positions_only_equals_the_full_loss(model, tokenizer):
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-5)
     for g, p in zip(grads, [p for p in model.parameters() if p.requires_grad]):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_init_adapter_starts_from_an_existing_adapter(run_config, tmp_path):
+    run_config["train"].update(max_steps=3, lr=2e-2)
+    first = train(run_config, progress=False)
+    source = load_file(first.adapter_dir / "adapter_model.safetensors")
+    # one step at a negligible learning rate: the result is the source adapter, not a fresh init
+    again = {**run_config, "output_dir": str(tmp_path / "again"), "init_adapter": str(first.adapter_dir),
+             "train": {**run_config["train"], "max_steps": 1, "lr": 1e-12}}
+    continued = load_file(train(again, progress=False).adapter_dir / "adapter_model.safetensors")
+    assert continued.keys() == source.keys()
+    for key in source:
+        torch.testing.assert_close(continued[key], source[key], rtol=0, atol=1e-7)
+    assert any(source[k].abs().max() > 1e-3 for k in source if "lora_B" in k)  # B moved away from 0
+
+    wrong_rank = {**again, "output_dir": str(tmp_path / "wrong"), "method": {**run_config["method"], "r": 2}}
+    with pytest.raises(LmadaptError, match=r"adapter_model.safetensors.*lora_A.*shape"):
+        train(wrong_rank, progress=False)

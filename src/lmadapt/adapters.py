@@ -128,6 +128,23 @@ def adapter_metadata(path: str | Path) -> dict[str, str]:
         return dict(fh.metadata() or {})
 
 
+def check_base(info: AdapterInfo, model: nn.Module, base_fingerprint: str | None = None) -> None:
+    """Raise unless ``model`` (fingerprint ``base_fingerprint``, computed when None) is the base the
+    adapter was trained on. Adapters that recorded no fingerprint (PEFT's own) pass."""
+    from lmadapt.models import fingerprint
+
+    if not info.base_fingerprint:
+        return
+    actual = base_fingerprint or fingerprint(model)
+    if actual != info.base_fingerprint:
+        name = getattr(model, "name_or_path", "")  # transformers models know where they were loaded from
+        raise AdapterError(
+            f"adapter {info.path} was trained on base model {info.base_model!r} (fingerprint "
+            f"{info.base_fingerprint}), but the model it is being applied to"
+            f"{f' ({name!r})' if name else ''} has fingerprint {actual}. "
+            f"Load the right base model, or pass --force (force=True) to apply it anyway.")
+
+
 def load_adapter(model: nn.Module, path: str | Path, *, base_fingerprint: str | None = None,
                  force: bool = False) -> Method:
     """Apply the adapter in ``path`` to ``model`` in place and return its method.
@@ -135,25 +152,23 @@ def load_adapter(model: nn.Module, path: str | Path, *, base_fingerprint: str | 
     ``base_fingerprint`` is the fingerprint of ``model``'s base weights (computed here when None);
     an adapter trained on other weights is refused unless ``force``.
     """
-    from lmadapt.models import fingerprint
-
     info = read_adapter_info(path)
-    if info.base_fingerprint and not force:
-        actual = base_fingerprint or fingerprint(model)
-        if actual != info.base_fingerprint:
-            name = getattr(model, "name_or_path", "")  # transformers models know where they were loaded from
-            raise AdapterError(
-                f"adapter {info.path} was trained on base model {info.base_model!r} (fingerprint "
-                f"{info.base_fingerprint}), but the model it is being applied to"
-                f"{f' ({name!r})' if name else ''} has fingerprint {actual}. "
-                f"Load the right base model, or pass --force (force=True) to apply it anyway.")
+    if not force:
+        check_base(info, model, base_fingerprint)
     try:
         method = build_method(info.method)
     except Exception as exc:
         raise AdapterError(f"{info.path / CONFIG_NAME}: {exc}") from None
     method.apply(model)
+    load_adapter_weights(model, method, info)
+    return method
+
+
+def load_adapter_weights(model: nn.Module, method: Method, info: AdapterInfo) -> None:
+    """Copy the adapter's tensors into ``model``, to which ``method`` has been applied."""
+    if info.method.get("name") != method.name:
+        raise AdapterError(f"{info.path}: holds a {info.method.get('name')!r} adapter, not {method.name!r}")
     try:
-        method.load_adapter_state(model, read_adapter_tensors(path))
+        method.load_adapter_state(model, read_adapter_tensors(info.path))
     except (KeyError, ValueError) as exc:
         raise AdapterError(f"{info.path / WEIGHTS_NAME}: {exc}") from None
-    return method

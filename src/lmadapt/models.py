@@ -55,7 +55,10 @@ class ModelConfig:
                                "A built-in model name (see lmadapt.models.BUILTINS) or a local folder holding a "
                                "transformers causal LM (config.json, weights, tokenizer). The Hub is never used.")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = option(
-        "fp32", "dtype of the loaded base weights; auto = bf16 on a CUDA GPU that supports it, else fp32.")
+        "auto", "dtype of the loaded base weights. auto, when training: bf16 if train.precision is bf16 and the "
+        "method keeps the base frozen (autocast would cast the frozen weights to bf16 on every forward anyway; "
+        "this halves their memory), else fp32; when loading for inference: bf16 on a CUDA GPU that supports "
+        "it, else fp32.")
     device: str = option("auto", "auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:N or mps.")
     trust_remote_code: bool = option(False, "Allow model code shipped inside the model folder to run. "
                                             "Only for folders you trust.")

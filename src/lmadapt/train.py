@@ -6,6 +6,7 @@ and nothing is written until both have passed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 import yaml
 
-from lmadapt.adapters import save_adapter
+from lmadapt.adapters import check_base, load_adapter_weights, read_adapter_info, save_adapter
 from lmadapt.checkpoint import checkpoint_dirs
 from lmadapt.config import (ConfigError, deep_merge, from_dict, option, parse_overrides, read_yaml,
                             to_dict)
@@ -42,6 +43,10 @@ class RunConfig:
     train: TrainConfig = option(default_factory=TrainConfig, help="Optimisation and the loop.")
     evals: list[EvalConfig] = option([], "Evaluations run on the base model before training and on the "
                                          "adapted model after; their results form the before/after table.")
+    init_adapter: str | None = option(
+        None, "Start from the weights of this adapter folder (lmadapt or PEFT, same method, rank and target "
+              "modules, trained on this base model) instead of a fresh initialisation, e.g. to continue "
+              "training an adapter on new data.")
     output_dir: str = option("runs/lmadapt", "Run folder: adapter, checkpoints, metrics, report.")
     overwrite: bool = option(False, "Replace an existing, non-empty output_dir.")
 
@@ -115,10 +120,10 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
     else:
         check_output_dir(run_dir, cfg.overwrite)
     set_seed(cfg.train.seed)
-    model, tokenizer = load_model(cfg.model)
+    method = build_method(cfg.method)
+    model, tokenizer = load_model(training_model_config(cfg, method))
     train_set, val_set, data_report = load_splits(cfg.data, tokenizer)  # raises before anything is written
     _say(data_report.summary())
-    method = build_method(cfg.method)
     base_name, base_fp = model_display_name(cfg.model), fingerprint(model)
     batcher = _batcher(train_set, cfg, tokenizer)
     val_batcher = _batcher(val_set, cfg, tokenizer) if val_set is not None and len(val_set) else None
@@ -134,6 +139,11 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
         plan = batcher.batches(0)[: method.calibration_batches]
         method.calibrate(model, [batcher.collate(b) for b in plan])
     method.apply(model)
+    if cfg.init_adapter:
+        info = read_adapter_info(cfg.init_adapter)
+        check_base(info, model, base_fp)
+        load_adapter_weights(model, method, info)
+        _say(f"adapter initialised from {info.path}")
     model.config.use_cache = False  # packed position_ids are ignored in train mode otherwise
     trainable, total = count_parameters(model)
     _say(f"method {method.name}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)")
@@ -158,6 +168,19 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
         _say(compare_table([(_eval_name(e), b, a) for e, b, a in zip(cfg.evals, evals_before, evals_after)]))
     _say(f"adapter saved to {adapter_dir}; report {run_dir / 'report.json'}; loss curve {run_dir / 'loss.png'}")
     return TrainResult(run_dir, adapter_dir, result, evals_before, evals_after, report)
+
+
+def training_model_config(cfg: RunConfig, method: Method) -> ModelConfig:
+    """The model section with ``dtype: auto`` resolved for training.
+
+    bf16 autocast over a frozen base casts every frozen weight to bf16 on every forward; storing the
+    frozen weights in bf16 skips those casts and halves their memory, with the same matmul inputs. A
+    method that trains the base weights keeps them in fp32 (the optimizer's master copy).
+    """
+    if cfg.model.dtype != "auto":
+        return cfg.model
+    frozen_bf16 = cfg.train.precision == "bf16" and not method.trains_base_weights
+    return dataclasses.replace(cfg.model, dtype="bf16" if frozen_bf16 else "fp32")
 
 
 def _batcher(dataset: Any, cfg: RunConfig, tokenizer: Any) -> Batcher:

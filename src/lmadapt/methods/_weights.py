@@ -56,6 +56,7 @@ class WeightsMethod(Method):
     """
 
     mergeable = True
+    trains_base_weights = True
     names: list[str]
 
     def parameter_groups(self, model: nn.Module) -> list[ParamGroup]:

@@ -76,6 +76,7 @@ class Method:
     peft_type: ClassVar[str | None] = None  # set when the saved adapter is loadable by PEFT
     mergeable: ClassVar[bool] = False  # merge()/unmerge() are exact
     identity_at_init: ClassVar[bool] = True  # apply() leaves the model's outputs unchanged
+    trains_base_weights: ClassVar[bool] = False  # True: the optimizer updates base weights (kept in fp32)
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -76,6 +76,7 @@ class LoraLinear(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.adapter_enabled = True
         self.merged = False
+        self._cached: tuple | None = None  # inference-time cast factors, see _factors
         self.reset_adapter(cfg.init)
 
     def reset_adapter(self, init: str) -> None:
@@ -94,16 +95,35 @@ class LoraLinear(nn.Module):
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
         if self.merged == self.adapter_enabled:  # the weight already holds what this call needs
-            return out
+            return F.linear(x, self.weight, self.bias)
         # Unmerged and on: add s B A dropout(x). Merged but switched off (adapters_disabled): take s B A x
         # back out, so the base model's outputs come back without unmerging.
         h = self.dropout(x) if self.adapter_enabled else x
-        if not torch.is_autocast_enabled(x.device.type):
-            h = h.to(self.lora_A.dtype)
-        update = F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scaling
-        return out + update.to(out.dtype) if self.adapter_enabled else out - update.to(out.dtype)
+        a, b = self._factors(x.dtype)
+        out = F.linear(x, self.weight, self.bias)
+        # out + (h A^T) B_s^T as one GEMM with accumulate: no separate scale and add over the activations
+        low = F.linear(h, a).reshape(-1, a.shape[0])
+        return torch.addmm(out.reshape(-1, self.out_features), low, b.t()).view(out.shape)
+
+    def _factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, s B) in the dtype the adapter runs in (-s B when the adapter is being taken out of a merge).
+
+        The factors are cast to the activations' dtype (an r x d copy), never the activations to the
+        factors' fp32: under autocast that is bf16/fp16; without it, the model's own dtype. Outside
+        autograd (generation, evaluation) the cast factors are cached until the parameters change.
+        """
+        device_type = self.lora_A.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        scale = self.scaling if self.adapter_enabled else -self.scaling
+        if torch.is_grad_enabled():
+            return self.lora_A.to(dtype), (self.lora_B * scale).to(dtype)
+        key = (self.lora_A._version, self.lora_B._version, dtype, scale)
+        if self._cached is None or self._cached[0] != key:
+            with torch.no_grad():
+                self._cached = (key, self.lora_A.to(dtype), (self.lora_B * scale).to(dtype))
+        return self._cached[1], self._cached[2]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.lora_A.shape[0]}, scaling={self.scaling:g}"
