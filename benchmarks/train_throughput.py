@@ -2,18 +2,28 @@
 
 Both sides train the same model with the same LoRA config on the *same tokenized examples*
 (variable-length BBC News prompt/completion rows rendered with the chat template, loss on the
-completion only), one after the other, each in its own fresh process so that peak RSS is its own.
-lmadapt runs one epoch over the examples with its default batching (length-grouped; ``--lmadapt-batching``
-picks packed or padded); the Trainer runs the same examples once with padding, grouped by length
-(its best configuration here) or in random order.
+completion only) in the *same batches, in the same order, from the same initial adapter weights*,
+one after the other, each in its own fresh process so that peak RSS is its own:
 
-Useful tokens are the real (non-padding) tokens of the examples; both sides process exactly the same
-examples once, so the ratio of useful tokens/s is the ratio of wall-clock training time. Padding
-and packing slots are not useful tokens. Model loading is not timed; peak RSS
-includes it (both load the same cached fp32 folder).
+- the batches are lmadapt's length-grouped plan (mega-batches of 50 x batch size sorted by length,
+  as transformers' ``LengthGroupedSampler`` does); the Trainer is fed them in that order through a
+  sequential sampler, so it pads each batch to its longest row exactly as it does with
+  ``group_by_length`` (its best configuration here) and both sides see identical padded batches;
+- the PEFT side saves its freshly initialised adapter; lmadapt starts from it (``init_adapter``),
+  so the two loss curves can be compared step by step.
 
-    python benchmarks/train_throughput.py                    # SmolLM2-135M-Instruct, 96 examples
-    python benchmarks/train_throughput.py --model tiny --examples 64     # a seconds-long smoke run
+The Trainer runs with ``bf16=True`` (fp32 master weights, bf16 autocast) and sdpa attention; lmadapt
+with its defaults for ``train.precision: bf16`` (a frozen base stored in bf16).
+
+Useful tokens are the real (non-padding) tokens of the examples. Useful FLOPs are the matmul work
+those tokens need (forward and input-gradient of the frozen projections, LoRA forward and backward,
+causal attention, the output head only where a label carries loss); dividing by time and by this
+machine's bf16 GEMM peak (measured here first, with the same thread count) gives the share of the
+peak each side reaches. Model loading is not timed; peak RSS includes it.
+
+    python benchmarks/train_throughput.py                    # SmolLM2-135M-Instruct, 400 examples = 50 steps
+    python benchmarks/train_throughput.py --sides lmadapt --examples 96   # lmadapt alone, for quick iterations
+    python benchmarks/train_throughput.py --model tiny --examples 64      # a seconds-long smoke run
 
 The last line printed is one JSON object with every figure.
 """
@@ -24,6 +34,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +43,7 @@ from pathlib import Path
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+COMPARE_STEPS = 50  # the loss curves are compared over the first this many steps
 
 
 def _rows(n: int, seed: int, min_words: int, max_words: int) -> list[dict]:
@@ -39,10 +51,11 @@ def _rows(n: int, seed: int, min_words: int, max_words: int) -> list[dict]:
 
     from lmadapt.demo_data import bbc_news, make_row
 
-    train_rows, _, _ = bbc_news(seed=seed)
+    train_rows, test_rows, _ = bbc_news(seed=seed)
+    pool = train_rows + test_rows  # a benchmark, not an evaluation: every article may be used
     rng = random.Random(seed)
     return [{k: v for k, v in make_row(r["text"], r["label"], rng.randint(min_words, max_words)).items()
-             if k in ("prompt", "completion")} for r in train_rows[:n]]
+             if k in ("prompt", "completion")} for r in pool[:n]]
 
 
 def _model_folder(name: str, workdir: Path) -> str:
@@ -61,76 +74,125 @@ def _model_folder(name: str, workdir: Path) -> str:
 
 def _data_config(args: argparse.Namespace, data_file: Path) -> dict:
     return {"train": [str(data_file)], "use_chat_template": True, "max_length": args.max_length,
-            "batching": args.lmadapt_batching}
+            "batching": "length_grouped"}
+
+
+def _dataset_and_plan(args: argparse.Namespace, folder: str, data_file: Path):  # noqa: ANN202
+    """The tokenized examples and lmadapt's batch plan for epoch 0, exactly as ``lmadapt.train`` builds them."""
+    from lmadapt.config import from_dict
+    from lmadapt.data import DataConfig, load_splits
+    from lmadapt.models import load_tokenizer
+    from lmadapt.train import load_run_config, _batcher
+
+    tok = load_tokenizer(folder)
+    dataset, _, _ = load_splits(from_dict(DataConfig, _data_config(args, data_file)), tok)
+    cfg = load_run_config({"data": _data_config(args, data_file), "train": {"batch_size": args.batch_size}})
+    plan = [[row[0] for row in batch] for batch in _batcher(dataset, cfg, tok).batches(0)]
+    return tok, dataset, plan
 
 
 def worker_lmadapt(args: argparse.Namespace, folder: str, data_file: Path, out_dir: Path) -> dict:
     from lmadapt.train import train
 
-    cfg = {"model": {"name_or_path": folder, "dtype": "fp32"},
+    init = out_dir.parent / "init-adapter"
+    cfg = {"model": {"name_or_path": folder},  # dtype auto: bf16 storage for bf16 training of a frozen base
            "data": _data_config(args, data_file),
            "method": {"name": "lora", **LORA},
+           "init_adapter": str(init) if init.is_dir() else None,
            "train": {"lr": args.lr, "batch_size": args.batch_size, "epochs": 1, "precision": args.precision,
                      "schedule": "constant", "tensorboard": False, "seed": 0},
            "output_dir": str(out_dir), "overwrite": True}
     result = train(cfg, progress=False)
     losses = [r["loss"] for r in result.loop.history if "loss" in r]
     return {"useful_tokens": result.loop.input_tokens, "seconds": result.loop.seconds, "steps": result.loop.steps,
-            "first_loss": losses[0], "final_loss": losses[-1]}
+            "losses": losses}
 
 
 def worker_hf(args: argparse.Namespace, folder: str, data_file: Path, out_dir: Path) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
+    from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from lmadapt.config import from_dict
-    from lmadapt.data import DataConfig, load_splits
-    from lmadapt.models import load_tokenizer
-
-    tok = load_tokenizer(folder)
-    dataset, _, _ = load_splits(from_dict(DataConfig, _data_config(args, data_file)), tok)
-    examples = [{"input_ids": ids, "labels": labels, "length": len(ids)}
-                for ids, labels in zip(dataset.input_ids, dataset.labels)]
+    tok, dataset, plan = _dataset_and_plan(args, folder, data_file)
+    order = [i for batch in plan for i in batch]
+    examples = [{"input_ids": dataset.input_ids[i], "labels": dataset.labels[i]} for i in order]
     useful = sum(len(ids) for ids in dataset.input_ids)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     model.config.use_cache = False
+    torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
                                              target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
+    model.save_pretrained(out_dir.parent / "init-adapter")  # lmadapt starts from the same weights
     targs = TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=args.batch_size, num_train_epochs=1,
         learning_rate=args.lr, lr_scheduler_type="constant", bf16=args.precision == "bf16", use_cpu=True,
-        train_sampling_strategy="group_by_length" if args.hf_group_by_length else "random",
         logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
         dataloader_num_workers=0, remove_unused_columns=False)
+
+    class InPlanOrder(Trainer):
+        """The examples arrive already in lmadapt's length-grouped batch order: read them sequentially."""
+
+        def _get_train_sampler(self, train_dataset=None):  # noqa: ANN001, ANN202
+            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
     collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
-    trainer = Trainer(model=model, args=targs, train_dataset=_ListDataset(examples), data_collator=_drop_length(collator))
+    trainer = InPlanOrder(model=model, args=targs, train_dataset=_ListDataset(examples), data_collator=collator)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    return {"useful_tokens": useful, "seconds": seconds, "steps": trainer.state.global_step,
-            "first_loss": losses[0], "final_loss": losses[-1]}
+    return {"useful_tokens": useful, "seconds": seconds, "steps": trainer.state.global_step, "losses": losses}
 
 
 class _ListDataset:
-    """A list as a map-style dataset; ``column_names`` lets the Trainer's length grouping read lengths."""
+    """A list as a map-style dataset."""
 
     def __init__(self, rows: list[dict]) -> None:
         self.rows = rows
-        self.column_names = list(rows[0])
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, key):  # noqa: ANN001
-        if isinstance(key, str):
-            return [r[key] for r in self.rows]
-        return self.rows[key]
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
 
 
-def _drop_length(collator):  # noqa: ANN001, ANN202
-    return lambda rows: collator([{k: v for k, v in r.items() if k != "length"} for r in rows])
+def bf16_gemm_peak(threads: int, size: int = 2048, repeats: int = 7) -> float:
+    """This machine's bf16 matmul rate in FLOP/s: the median of ``repeats`` square ``size`` GEMMs."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(size, size, dtype=torch.bfloat16)
+    b = torch.randn(size, size, dtype=torch.bfloat16)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times)
+
+
+def useful_flops(folder: str, lengths: list[int], targets: int) -> float:
+    """Matmul FLOPs that LoRA training on these examples needs, whatever the implementation.
+
+    Per real token: frozen projections forward + input gradient (4 N), LoRA forward + both gradients
+    (6 N_lora); per sequence of n tokens and layer: causal attention, forward 2 n^2 d and backward
+    twice that; per loss-bearing token: the output head forward + input gradient (4 d V).
+    """
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(folder)
+    d, f, layers, vocab = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    head_dim = getattr(c, "head_dim", None) or d // c.num_attention_heads
+    q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]  # q k v o gate up down
+    frozen = layers * sum(i * o for i, o in shapes)
+    lora = layers * sum(LORA["r"] * (i + o) for i, o in shapes)
+    tokens = sum(lengths)
+    attention = layers * sum(6 * n * n * q for n in lengths)
+    return tokens * (4 * frozen + 6 * lora) + attention + targets * 4 * d * vocab
 
 
 def _run_worker(side: str, args: argparse.Namespace, workdir: Path) -> dict:
@@ -143,10 +205,36 @@ def _run_worker(side: str, args: argparse.Namespace, workdir: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def compare_losses(reference: list[float], other: list[float], steps: int = COMPARE_STEPS) -> dict:
+    """How far ``other``'s per-step losses are from ``reference``'s over the first ``steps`` steps."""
+    n = min(steps, len(reference), len(other))
+    diffs = [abs(a - b) for a, b in zip(reference[:n], other[:n])]
+    mean_ref = statistics.fmean(reference[:n])
+    return {"steps_compared": n, "mean_abs_diff": statistics.fmean(diffs), "max_abs_diff": max(diffs),
+            "mean_rel_diff": statistics.fmean(diffs) / mean_ref}
+
+
+def _plot(hf: list[float], lm: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot(range(1, len(hf) + 1), hf, label="PEFT + Trainer", lw=2, alpha=0.7)
+    ax.plot(range(1, len(lm) + 1), lm, label="lmadapt", lw=1, ls="--")
+    ax.set_xlabel("step (same batches, same order, same initial adapter)")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct", help="built-in name, model folder, or 'tiny'")
-    p.add_argument("--examples", type=int, default=96)
+    p.add_argument("--examples", type=int, default=400, help="a multiple of the batch size (400 = 50 steps of 8)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--min-words", type=int, default=15, help="shortest article cut (about 32+ tokens with the prompt)")
@@ -154,13 +242,14 @@ def main() -> None:
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--hf-group-by-length", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--lmadapt-batching", default="length_grouped", choices=["length_grouped", "packed", "padded"],
-                   help="how lmadapt forms batches (data.batching; its default is length_grouped)")
+    p.add_argument("--sides", default="both", choices=["both", "lmadapt", "hf"])
+    p.add_argument("--plot", default="train_throughput_loss.png", help="where to draw both loss curves")
     p.add_argument("--worker", choices=["lmadapt", "hf"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.passthrough = [a for a in sys.argv[1:] if not a.startswith("--worker") and not a.startswith("--workdir")]
+    if args.examples % args.batch_size:
+        p.error("--examples must be a multiple of --batch-size (every batch full on both sides)")
 
     if args.worker:
         import torch
@@ -178,33 +267,51 @@ def main() -> None:
     with open(workdir / "data.jsonl", "w", encoding="utf-8") as fh:
         for row in _rows(args.examples, 0, args.min_words, args.max_words):
             fh.write(json.dumps(row) + "\n")
-    _model_folder(args.model, workdir)  # convert a built-in once, outside the timed workers
-    hf = _run_worker("hf", args, workdir)
-    lm = _run_worker("lmadapt", args, workdir)
-    for side in (hf, lm):
-        side["useful_tokens_per_s"] = side["useful_tokens"] / side["seconds"]
-    hf_name = f"PEFT + Trainer ({'group_by_length' if args.hf_group_by_length else 'random order'})"
-    print(f"model {args.model}, {args.examples} examples, batch {args.batch_size}, {args.precision}, "
-          f"{args.threads} threads, LoRA r={LORA['r']} on all projections")
-    print(f"{'':34} {'useful tok/s':>12} {'seconds':>9} {'steps':>6} {'peak RSS MB':>12} {'loss first→last':>18}")
-    for name, side in ((hf_name, hf), (f"lmadapt ({args.lmadapt_batching})", lm)):
-        print(f"{name:34} {side['useful_tokens_per_s']:12.1f} {side['seconds']:9.1f} {side['steps']:6d} "
-              f"{side['peak_rss_mb']:12.0f} {side['first_loss']:8.3f}→{side['final_loss']:.3f}")
-    speedup = lm["useful_tokens_per_s"] / hf["useful_tokens_per_s"]
-    rss_ratio = lm["peak_rss_mb"] / hf["peak_rss_mb"]
-    print(f"speed-up (useful tokens/s): {speedup:.2f}x   peak RSS ratio (lmadapt / HF): {rss_ratio:.2f}")
-    print(json.dumps({
-        "model": args.model, "examples": args.examples, "batch_size": args.batch_size,
-        "precision": args.precision, "threads": args.threads, "useful_tokens": lm["useful_tokens"],
-        "lmadapt_batching": args.lmadapt_batching,
-        "lmadapt_useful_tokens_per_s": round(lm["useful_tokens_per_s"], 1),
-        "hf_useful_tokens_per_s": round(hf["useful_tokens_per_s"], 1),
-        "speedup_useful_tokens_per_s": round(speedup, 3),
-        "lmadapt_peak_rss_mb": round(lm["peak_rss_mb"], 1), "hf_peak_rss_mb": round(hf["peak_rss_mb"], 1),
-        "peak_rss_ratio": round(rss_ratio, 3),
-        "lmadapt_seconds": round(lm["seconds"], 2), "hf_seconds": round(hf["seconds"], 2),
-        "lmadapt_final_loss": lm["final_loss"], "hf_final_loss": hf["final_loss"],
-    }))
+    folder = _model_folder(args.model, workdir)  # convert a built-in once, outside the timed workers
+    _, dataset, _ = _dataset_and_plan(args, folder, workdir / "data.jsonl")
+    lengths = [len(ids) for ids in dataset.input_ids]
+    targets = sum(sum(1 for t in labels[1:] if t != -100) for labels in dataset.labels)
+    flops = useful_flops(folder, lengths, targets)
+    peak = bf16_gemm_peak(args.threads)
+    sides = {}
+    for side in (["hf", "lmadapt"] if args.sides == "both" else [args.sides]):
+        sides[side] = _run_worker(side, args, workdir)
+        r = sides[side]
+        r["useful_tokens_per_s"] = r["useful_tokens"] / r["seconds"]
+        r["share_of_bf16_peak"] = flops / r["seconds"] / peak
+
+    print(f"model {args.model}, {args.examples} examples ({sum(lengths)} tokens, {min(lengths)}-{max(lengths)} "
+          f"per example), batch {args.batch_size}, {args.precision}, {args.threads} threads, LoRA r={LORA['r']} "
+          f"on all projections; bf16 GEMM peak {peak / 1e9:.0f} GFLOP/s; useful work {flops / 1e12:.2f} TFLOP")
+    print(f"{'':24} {'useful tok/s':>12} {'seconds':>9} {'steps':>6} {'peak RSS MB':>12} {'% bf16 peak':>11} "
+          f"{'loss first→last':>16}")
+    names = {"hf": "PEFT + Trainer", "lmadapt": "lmadapt"}
+    for side, r in sides.items():
+        print(f"{names[side]:24} {r['useful_tokens_per_s']:12.1f} {r['seconds']:9.1f} {r['steps']:6d} "
+              f"{r['peak_rss_mb']:12.0f} {100 * r['share_of_bf16_peak']:11.1f} "
+              f"{r['losses'][0]:7.3f}→{r['losses'][-1]:.3f}")
+    figures = {"model": args.model, "examples": args.examples, "useful_tokens": sum(lengths),
+               "batch_size": args.batch_size, "precision": args.precision, "threads": args.threads,
+               "bf16_gemm_peak_gflops": round(peak / 1e9, 1), "useful_tflop": round(flops / 1e12, 3)}
+    for side, r in sides.items():
+        figures |= {f"{side}_useful_tokens_per_s": round(r["useful_tokens_per_s"], 1),
+                    f"{side}_seconds": round(r["seconds"], 2), f"{side}_peak_rss_mb": round(r["peak_rss_mb"], 1),
+                    f"{side}_share_of_bf16_peak": round(r["share_of_bf16_peak"], 4),
+                    f"{side}_final_loss": r["losses"][-1]}
+    if len(sides) == 2:
+        hf, lm = sides["hf"], sides["lmadapt"]
+        speedup = lm["useful_tokens_per_s"] / hf["useful_tokens_per_s"]
+        rss_ratio = lm["peak_rss_mb"] / hf["peak_rss_mb"]
+        curve = compare_losses(hf["losses"], lm["losses"])
+        _plot(hf["losses"], lm["losses"], Path(args.plot))
+        print(f"speed-up (useful tokens/s): {speedup:.2f}x   peak RSS ratio (lmadapt / HF): {rss_ratio:.2f}")
+        print(f"loss curves over the first {curve['steps_compared']} steps: mean |diff| {curve['mean_abs_diff']:.4f} "
+              f"({100 * curve['mean_rel_diff']:.2f}% of the mean loss), max |diff| {curve['max_abs_diff']:.4f}; "
+              f"plot in {args.plot}")
+        figures |= {"speedup_useful_tokens_per_s": round(speedup, 3), "peak_rss_ratio": round(rss_ratio, 3),
+                    "loss_curve": {k: round(v, 5) if isinstance(v, float) else v for k, v in curve.items()},
+                    "hf_losses": hf["losses"][:COMPARE_STEPS], "lmadapt_losses": lm["losses"][:COMPARE_STEPS]}
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ def run_config(tiny_model_dir, train_file, tmp_path):
         "model": {"name_or_path": str(tiny_model_dir)},
         "data": {"train": [str(train_file)], "max_length": 128, "validation_fraction": 0.125},
         "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "train": {"lr": 5e-3, "batch_size": 4, "max_steps": 6, "tensorboard": False, "schedule": "constant"},
+        "train": {"lr": 5e-3, "batch_size": 4, "max_steps": 6, "tensorboard": False, "schedule": "constant",
+                  "threads": 2},  # a fixed count: exact-resume tests compare runs bit for bit
         "output_dir": str(tmp_path / "run"),
     }

@@ -151,6 +151,8 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
     device = next(model.parameters()).device
     trainer = Trainer(model, method, cfg.train, batcher, val_batcher, run_dir, base_model=base_name,
                       base_fingerprint=base_fp, device=device)
+    if trainer.state["threads"]:
+        _say(f"{trainer.state['threads']} CPU thread(s) (train.threads; 0 = the cores idle now)")
     if resume:
         where = trainer.resume()
         _drop_metrics_after(run_dir / "metrics.jsonl", trainer.state["step"])
