@@ -158,20 +158,61 @@ class _ListDataset:
         return self.rows[i]
 
 
-def bf16_gemm_peak(threads: int, size: int = 2048, repeats: int = 7) -> float:
-    """This machine's bf16 matmul rate in FLOP/s: the median of ``repeats`` square ``size`` GEMMs."""
+def bf16_gemm_peak(threads: int, repeats: int = 7) -> float:
+    """This machine's bf16 matmul rate in FLOP/s: the best median over a few square and model-like shapes."""
     import torch
 
     torch.set_num_threads(threads)
-    a = torch.randn(size, size, dtype=torch.bfloat16)
-    b = torch.randn(size, size, dtype=torch.bfloat16)
-    a @ b  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times)
+    best = 0.0
+    for m, k, n in ((512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048), (4096, 576, 1536), (4096, 1536, 576)):
+        a = torch.randn(m, k, dtype=torch.bfloat16)
+        b = torch.randn(k, n, dtype=torch.bfloat16)
+        a @ b  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        best = max(best, 2 * m * k * n / statistics.median(times))
+    return best
+
+
+def worker_numerics(args: argparse.Namespace, folder: str, data_file: Path, out_dir: Path) -> dict:
+    """Losses of the first batches at initialisation (LoRA B = 0: the base model) computed three ways.
+
+    fp32 throughout is the exact reference; fp32 weights under bf16 autocast is what the Trainer runs;
+    bf16 weights without autocast and lmadapt's attention is what lmadapt runs. The first gap is the
+    size of bf16 rounding effects, the yardstick for "the same loss curve".
+    """
+    import contextlib
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmadapt.attention import training_attention
+    from lmadapt.data import Batcher
+    from lmadapt.objectives import causal_lm_loss
+
+    tok, dataset, plan = _dataset_and_plan(args, folder, data_file)
+    batcher = Batcher(dataset, batch_size=args.batch_size, max_length=args.max_length, packing=False,
+                      group_by_length=True, pad_id=tok.pad_token_id, seed=0)
+    batches = [batcher.collate(batch) for batch in batcher.batches(0)[:4]]
+    ways = {"fp32": (torch.float32, False, False), "hf_autocast": (torch.float32, True, False),
+            "lmadapt": (torch.bfloat16, False, True)}
+    out = {}
+    for name, (dtype, use_autocast, ours) in ways.items():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+        model.config.use_cache = False
+        model.train()
+        losses = []
+        attention = training_attention(model, torch.device("cpu")) if ours else contextlib.nullcontext()
+        with attention, torch.no_grad():
+            for batch in batches:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
+                    loss_sum, n, _ = causal_lm_loss(model, batch)
+                losses.append((loss_sum / n).item())
+        out[name] = losses
+    return out
 
 
 def useful_flops(folder: str, lengths: list[int], targets: int) -> float:
@@ -244,7 +285,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sides", default="both", choices=["both", "lmadapt", "hf"])
     p.add_argument("--plot", default="train_throughput_loss.png", help="where to draw both loss curves")
-    p.add_argument("--worker", choices=["lmadapt", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["lmadapt", "hf", "numerics"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.passthrough = [a for a in sys.argv[1:] if not a.startswith("--worker") and not a.startswith("--workdir")]
@@ -257,7 +298,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         workdir = Path(args.workdir)
         folder = _model_folder(args.model, workdir)
-        fn = worker_lmadapt if args.worker == "lmadapt" else worker_hf
+        fn = {"lmadapt": worker_lmadapt, "hf": worker_hf, "numerics": worker_numerics}[args.worker]
         out = fn(args, folder, workdir / "data.jsonl", workdir / f"out-{args.worker}")
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(out))
@@ -299,6 +340,10 @@ def main() -> None:
                     f"{side}_share_of_bf16_peak": round(r["share_of_bf16_peak"], 4),
                     f"{side}_final_loss": r["losses"][-1]}
     if len(sides) == 2:
+        numerics = _run_worker("numerics", args, workdir)
+        bf16_noise = statistics.fmean(abs(a - b) for a, b in zip(numerics["hf_autocast"], numerics["fp32"]))
+        ours_vs_hf = statistics.fmean(abs(a - b) for a, b in zip(numerics["lmadapt"], numerics["hf_autocast"]))
+        ours_vs_fp32 = statistics.fmean(abs(a - b) for a, b in zip(numerics["lmadapt"], numerics["fp32"]))
         hf, lm = sides["hf"], sides["lmadapt"]
         speedup = lm["useful_tokens_per_s"] / hf["useful_tokens_per_s"]
         rss_ratio = lm["peak_rss_mb"] / hf["peak_rss_mb"]
@@ -308,8 +353,14 @@ def main() -> None:
         print(f"loss curves over the first {curve['steps_compared']} steps: mean |diff| {curve['mean_abs_diff']:.4f} "
               f"({100 * curve['mean_rel_diff']:.2f}% of the mean loss), max |diff| {curve['max_abs_diff']:.4f}; "
               f"plot in {args.plot}")
+        print(f"bf16 rounding at initialisation (first {len(numerics['fp32'])} batches, mean |diff| of the loss): "
+              f"Trainer's autocast vs exact fp32 {bf16_noise:.4f}; lmadapt vs Trainer {ours_vs_hf:.4f}; "
+              f"lmadapt vs exact fp32 {ours_vs_fp32:.4f}")
         figures |= {"speedup_useful_tokens_per_s": round(speedup, 3), "peak_rss_ratio": round(rss_ratio, 3),
                     "loss_curve": {k: round(v, 5) if isinstance(v, float) else v for k, v in curve.items()},
+                    "init_loss_mean_abs_diff": {"hf_autocast_vs_fp32": round(bf16_noise, 5),
+                                                "lmadapt_vs_hf": round(ours_vs_hf, 5),
+                                                "lmadapt_vs_fp32": round(ours_vs_fp32, 5)},
                     "hf_losses": hf["losses"][:COMPARE_STEPS], "lmadapt_losses": lm["losses"][:COMPARE_STEPS]}
     print(json.dumps(figures))
 

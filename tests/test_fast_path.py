@@ -1,7 +1,7 @@
 """The fast training path computes the same loss and gradients as the plain one.
 
-Fast: frozen base stored in bf16, bf16 autocast, LoRA factors cast to bf16 with the add fused into
-one ``addmm``, vocabulary logits only where labels carry loss. Plain (the reference): PEFT's LoRA on
+Fast: frozen base stored in bf16 (so the loop needs no autocast), LoRA factors cast to bf16 with the
+add fused into one ``addmm``, vocabulary logits only where labels carry loss. Plain (the reference): PEFT's LoRA on
 an fp32 model, full logits, ``F.cross_entropy``. Tolerances are bf16's (8 mantissa bits).
 """
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
+from lmadapt.loop import autocast, needs_autocast
 from lmadapt.methods import build_method
 from lmadapt.objectives import causal_lm_loss
 from lmadapt.testing import tiny_llama
@@ -47,15 +48,18 @@ def _plain_peft(base: torch.nn.Module, state: dict[str, torch.Tensor], batch: di
     return loss.item(), grads
 
 
-def _lmadapt(base: torch.nn.Module, state: dict[str, torch.Tensor], batch: dict, fast: bool) -> tuple[float, dict]:
+def _lmadapt(base: torch.nn.Module, state: dict[str, torch.Tensor], batch: dict, mode: str) -> tuple[float, dict]:
     model = copy.deepcopy(base)
-    if fast:
+    if mode == "bf16-fast":
         model.to(torch.bfloat16)  # what train() does for bf16 training of a frozen base (model.dtype auto)
     method = build_method({"name": "lora", "r": 8, "alpha": 16, "target_modules": TARGETS})
     method.apply(model)
     method.load_adapter_state(model, state)
     model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
+    precision = "fp32" if mode == "fp32" else "bf16"
+    use_autocast = needs_autocast(model, precision)
+    assert use_autocast == (mode == "bf16-autocast")  # bf16 storage + self-casting LoRA: no autocast needed
+    with autocast(torch.device("cpu"), precision, use_autocast):
         loss_sum, n, outputs = causal_lm_loss(model, batch)
     assert outputs.logit_positions is not None  # the target-positions path was taken
     (loss_sum / n).backward()
@@ -63,8 +67,8 @@ def _lmadapt(base: torch.nn.Module, state: dict[str, torch.Tensor], batch: dict,
     return (loss_sum / n).item(), grads
 
 
-@pytest.mark.parametrize("fast", [False, True], ids=["fp32", "bf16-fast"])
-def test_fast_path_matches_peft_fp32_loss_and_gradients(fast: bool) -> None:
+@pytest.mark.parametrize("mode", ["fp32", "bf16-autocast", "bf16-fast"])
+def test_fast_path_matches_peft_fp32_loss_and_gradients(mode: str) -> None:
     base = tiny_llama(seed=3)
     donor = build_method({"name": "lora", "r": 8, "alpha": 16, "target_modules": TARGETS, "init": "random"})
     scratch = copy.deepcopy(base)
@@ -72,7 +76,8 @@ def test_fast_path_matches_peft_fp32_loss_and_gradients(fast: bool) -> None:
     state = donor.adapter_state(scratch)  # B != 0, so the adapter changes the outputs and gets gradients
     batch = _batch()
     ref_loss, ref_grads = _plain_peft(base, state, batch)
-    loss, grads = _lmadapt(base, state, batch, fast)
+    loss, grads = _lmadapt(base, state, batch, mode)
+    fast = mode != "fp32"
     assert {k.removesuffix(".weight") for k in ref_grads} == set(grads)
     rtol = 2e-2 if fast else 1e-5
     assert loss == pytest.approx(ref_loss, rel=rtol)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 from lmadapt.errors import LmadaptError
@@ -218,3 +219,19 @@ def test_all_linear_agrees_with_peft() -> None:
     theirs = [n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
               if hasattr(m, "lora_A") and isinstance(getattr(m, "base_layer", None), nn.Linear)]
     assert ours == theirs
+
+
+def test_a_frozen_output_head_gets_contiguous_inputs_with_the_same_logits():
+    from lmadapt.tree import freeze_all
+
+    model = tiny_llama()
+    ids = torch.tensor([[5, 6, 7, 8, 9], [1, 2, 3, 4, 5]])
+    expected = model(input_ids=ids, logits_to_keep=1).logits
+    seen = []
+    freeze_all(model)
+    model.lm_head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    got = model(input_ids=ids, logits_to_keep=1).logits  # the head sees a hidden[:, -1:, :] slice
+    assert seen == [True]
+    torch.testing.assert_close(got, expected)
+    freeze_all(model)  # idempotent: one hook
+    assert len(model.lm_head._forward_pre_hooks) == 2  # ours and the test's spy

@@ -64,6 +64,8 @@ class LoraLinear(nn.Module):
     """A linear layer plus a low-rank update. Holds the original ``weight``/``bias`` Parameters under the
     same names, so the base model's state-dict keys do not change."""
 
+    casts_own_parameters = True  # the fp32 factors run in the activations' dtype (see _factors)
+
     def __init__(self, base: nn.Linear, cfg: LoraConfig) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
