@@ -15,7 +15,6 @@ from torch import nn
 
 import lmadapt.adapters as adapters
 from lmadapt.adapters import (
-    adapter_metadata,
     write_record,
     CONFIG_NAME,
     WEIGHTS_NAME,

@@ -1,7 +1,8 @@
 """lmadapt: adapt pretrained language models to new tasks, domains and languages.
 
 The public API (see :mod:`lmadapt.api`): ``train``, ``load``, ``merge``, ``inspect``, ``evaluate``,
-``generate``. Imports are lazy so that ``import lmadapt`` stays cheap.
+``generate``, and decoding-time steering ``steered_generate`` / ``proxy_logprobs`` (see
+:mod:`lmadapt.steering`). Imports are lazy so that ``import lmadapt`` stays cheap.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ _EXPORTS = {
     "inspect": "lmadapt.api",
     "evaluate": "lmadapt.evaluation",
     "generate": "lmadapt.generation",
+    "steered_generate": "lmadapt.steering",
+    "proxy_logprobs": "lmadapt.steering",
     "load_adapter": "lmadapt.adapters",
     "save_adapter": "lmadapt.adapters",
 }

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from lmadapt.errors import LmadaptError
 
@@ -69,19 +70,109 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from lmadapt.api import load
     from lmadapt.generation import generate
 
+    problems = _steering_flag_problems(args)
+    if problems:
+        raise LmadaptError("; ".join(problems))
     model, tok, _ = load(args.model, args.adapter, dtype=args.dtype, force=args.force)
     prompts = list(args.prompt) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     stream = None
     if len(prompts) == 1:
         def stream(_: int, piece: str) -> None:
             print(piece, end="", flush=True)
-    outputs = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, chat=args.chat, stream=stream, seed=args.seed)
+    common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, chat=args.chat, stream=stream, seed=args.seed)
+    steering = _steering(args, tok)
+    if steering:
+        from lmadapt.steering import steered_generate
+
+        outputs = steered_generate(model, tok, prompts, **steering, **common)
+    else:
+        outputs = generate(model, tok, prompts, **common)
     if stream is not None:
         print()
     else:
         for prompt, out in zip(prompts, outputs):
             print(f"### {prompt}\n{out}\n")
+    return 0
+
+
+_EXPERT_HINT = "give --proxy-small-model with --proxy-expert-adapter, or --proxy-expert with --proxy-anti-expert"
+
+
+def _steering_flag_problems(args: argparse.Namespace) -> list[str]:
+    """Every inconsistent combination of the generate command's steering flags, by flag name."""
+    problems = []
+    if args.proxy_expert_adapter and not args.proxy_small_model:
+        problems.append("--proxy-expert-adapter needs --proxy-small-model (the small base model it was trained on)")
+    if args.proxy_small_model and not args.proxy_expert_adapter:
+        problems.append("--proxy-small-model needs --proxy-expert-adapter (the expert = small model + adapter)")
+    if bool(args.proxy_expert) != bool(args.proxy_anti_expert):
+        problems.append("--proxy-expert and --proxy-anti-expert go together (the tuned and the untuned small model)")
+    if (args.proxy_expert_adapter or args.proxy_small_model) and (args.proxy_expert or args.proxy_anti_expert):
+        problems.append("--proxy-expert-adapter/--proxy-small-model and --proxy-expert/--proxy-anti-expert are two "
+                        "ways to give the expert. Choose one.")
+    has_expert = args.proxy_expert_adapter or args.proxy_small_model or args.proxy_expert or args.proxy_anti_expert
+    for flag, given in (("--proxy-beta", args.proxy_beta is not None), ("--expert-chat", args.expert_chat)):
+        if given and not has_expert:
+            problems.append(f"{flag} needs an expert: {_EXPERT_HINT}")
+    if args.value_beta and len(args.value_beta) != len(args.value_model):
+        problems.append(f"--value-beta was given {len(args.value_beta)} time(s) for {len(args.value_model)} "
+                        f"--value-model(s); give one per value model, in the same order (none: 1.0 each)")
+    if args.vas_top_k is not None and not args.value_model:
+        problems.append("--vas-top-k needs at least one --value-model")
+    return problems
+
+
+def _steering(args: argparse.Namespace, tok: Any) -> dict[str, Any]:
+    """The keyword arguments of ``steered_generate`` for the steering flags (empty: plain generation)."""
+    from lmadapt.api import load
+
+    out: dict[str, Any] = {}
+    if args.proxy_expert_adapter:
+        expert, expert_tok, _ = load(args.proxy_small_model, args.proxy_expert_adapter, dtype=args.dtype,
+                                     force=args.force)
+        out.update(expert=expert, expert_tokenizer=expert_tok)
+    elif args.proxy_expert:
+        from lmadapt.steering import check_vocabularies
+
+        expert, expert_tok, _ = load(args.proxy_expert, dtype=args.dtype)
+        anti, anti_tok, _ = load(args.proxy_anti_expert, dtype=args.dtype)
+        check_vocabularies(expert_tok, {"--proxy-anti-expert": anti_tok})
+        out.update(expert=expert, anti_expert=anti, expert_tokenizer=expert_tok)
+    if out:
+        out["beta"] = 1.0 if args.proxy_beta is None else args.proxy_beta
+        out["expert_chat"] = True if args.expert_chat else None
+    if args.value_model:
+        from lmadapt.steering import check_vocabularies
+        from lmadapt.vas import load_value_model
+
+        betas = args.value_beta or [1.0] * len(args.value_model)
+        out["values"] = []
+        for path, beta in zip(args.value_model, betas):
+            value_model, value_tok = load_value_model(path, dtype=args.dtype)
+            check_vocabularies(tok, {f"--value-model {path}": value_tok})
+            out["values"].append((value_model, beta))
+        if args.vas_top_k is not None:
+            out["vas_top_k"] = args.vas_top_k
+    return out
+
+
+def _cmd_vas_train(args: argparse.Namespace) -> int:
+    from lmadapt.vas import load_vas_config, train_value_model
+
+    overrides = list(args.overrides) + (["overwrite=true"] if args.overwrite else [])
+    out = train_value_model(load_vas_config(args.config, overrides), progress=not args.no_progress)
+    print(f"value models in {out / 'values'}; generate with: lmadapt generate --value-model "
+          f"{out / 'values'}/<reward> --value-beta 1.0", file=sys.stderr)
+    return 0
+
+
+def _cmd_make_helper(args: argparse.Namespace) -> int:
+    from lmadapt.helper_model import load_helper_config, make_helper
+
+    overrides = list(args.overrides) + (["overwrite=true"] if args.overwrite else [])
+    path = make_helper(load_helper_config(args.config, overrides), progress=not args.no_progress, resume=args.resume)
+    print(path)
     return 0
 
 
@@ -140,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="also evaluate the base model and print before/after")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("generate", help="generate text")
+    p = sub.add_parser("generate", help="generate text (optionally steered by proxy-tuning/EFT or VAS)")
     _model_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; default: stdin lines)")
     p.add_argument("--chat", action="store_true", help="render prompts with the chat template")
@@ -149,7 +240,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    g = p.add_argument_group("proxy-tuning / EFT (--model, with --adapter if given, is the large base model)")
+    g.add_argument("--proxy-small-model", default=None, metavar="NAME_OR_DIR",
+                   help="the small base model that --proxy-expert-adapter was trained on")
+    g.add_argument("--proxy-expert-adapter", default=None, metavar="DIR",
+                   help="expert = small model + this adapter; anti-expert = the same model with the adapter off")
+    g.add_argument("--proxy-expert", default=None, metavar="MODEL", help="a separate tuned small model")
+    g.add_argument("--proxy-anti-expert", default=None, metavar="MODEL",
+                   help="the untuned small model --proxy-expert was tuned from")
+    g.add_argument("--proxy-beta", type=float, default=None,
+                   help="weight of (expert - anti-expert) log-probabilities (default 1.0)")
+    g.add_argument("--expert-chat", action="store_true",
+                   help="render the expert's prompt with the chat template (the base's follows --chat)")
+    g = p.add_argument_group("VAS value-guided sampling")
+    g.add_argument("--value-model", action="append", default=[], metavar="DIR", help="a value model (repeatable)")
+    g.add_argument("--value-beta", action="append", type=float, default=[], metavar="FLOAT",
+                   help="weight of each --value-model, in order (repeatable; default 1.0 each)")
+    g.add_argument("--vas-top-k", type=int, default=None, help="candidates reweighted per step (default 10)")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("vas-train", help="train VAS value model(s) from a YAML config (docs/vas.md)")
+    p.add_argument("config", help="YAML config file, e.g. examples/vas.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. n_per_prompt=8 train.lr=1e-5")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_vas_train)
+
+    p = sub.add_parser("make-helper", help="make a small same-tokenizer Llama by distillation "
+                                           "(docs/helper_models.md)")
+    p.add_argument("config", help="YAML config, e.g. examples/helper_model.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20 hidden_size=256")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_make_helper)
 
     p = sub.add_parser("merge", help="fold an adapter into the base weights and save a plain model")
     _model_args(p)
