@@ -168,6 +168,28 @@ def test_scorer_agrees_with_the_decoders_per_step_scores(trio, tok):
     assert by_ids[0][-1].item() == pytest.approx(step[last].item(), abs=ATOL)
 
 
+def test_one_pass_of_term_logprobs_gives_every_models_own_scores_and_any_beta(trio, tok):
+    """The per-term log-probabilities, weighted, reproduce each model's own continuation scores
+    (lmadapt.evaluation.score_continuations) and the proxy scores at every beta without another forward."""
+    from lmadapt.evaluation import score_continuations
+    from lmadapt.steering import combine_continuation_logprobs, continuation_logprobs
+
+    base, expert, anti = trio
+    terms = proxy_terms(base, expert=expert, anti_expert=anti, beta=1.0)
+    context = ids_of(tok, ["Once upon"])[0]
+    conts = [tok(c, add_special_tokens=False).input_ids for c in [" a time", " there", "x"]]
+    per_term = continuation_logprobs(terms, context, conts)
+    for j, model in enumerate([base, expert, anti]):
+        alone = combine_continuation_logprobs(per_term, [float(i == j) for i in range(3)], conts)
+        for got, want in zip(alone, score_continuations(model, context, conts)):
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    for beta in (0.5, 2.0):
+        want = proxy_score_continuations(proxy_terms(base, expert=expert, anti_expert=anti, beta=beta), context, conts)
+        got = combine_continuation_logprobs(per_term, [1.0, beta, -beta], conts)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-9, rtol=0)
+
+
 # --- (2), (3): beta = 0 and expert == anti-expert give the large model's own output ------------------------
 def test_beta_zero_gives_the_large_models_greedy_output_token_for_token(trio, tok):
     base, expert, anti = trio

@@ -408,32 +408,60 @@ def proxy_score_continuations(terms: Sequence[ModelTerm], context: list[int], co
                               vocab_size: int | None = None) -> list[torch.Tensor]:
     """Per-token ``log softmax(sum_j w_j log pi_j)(c_t | context, c_<t)`` of each continuation (float64, CPU).
 
-    Teacher-forced (one uncached forward per term), the same per-token renormalised scores as the
-    decoder's; the counterpart of :func:`lmadapt.evaluation.score_continuations` for steered models.
+    Teacher-forced, the same per-token renormalised scores as the decoder's; the counterpart of
+    :func:`lmadapt.evaluation.score_continuations` for steered models. Each term's model runs the context
+    once and all continuations from its KV cache (:func:`continuation_logprobs`).
+    """
+    per_term = continuation_logprobs(terms, context, continuations, expert_context=expert_context,
+                                     vocab_size=vocab_size)
+    return combine_continuation_logprobs(per_term, [t.weight for t in terms], continuations)
+
+
+def continuation_logprobs(terms: Sequence[ModelTerm], context: list[int], continuations: list[list[int]], *,
+                          expert_context: list[int] | None = None,
+                          vocab_size: int | None = None) -> list[torch.Tensor]:
+    """For each term, the (continuations, longest, vocab) fp32 log-probabilities its model gives at every
+    continuation position (position t predicts token t), unweighted, on the first term's device.
+
+    They do not depend on the weights: :func:`combine_continuation_logprobs` turns them into steered scores
+    for any weights, so several values of beta cost one pass of each model.
     """
     if not context or (expert_context is not None and not expert_context):
         raise LmadaptError("proxy_score_continuations: the context is empty; a first token needs something to follow")
     if not continuations or any(not c for c in continuations):
         raise LmadaptError("proxy_score_continuations: a continuation tokenizes to no tokens")
     vocab = vocab_size or min(_logit_width(t.model) for t in terms)
-    keep = max(len(c) for c in continuations) + 1  # the positions predicting continuation tokens, and one more
     device = _device(terms[0].model)
-    total: Any = 0
     with _eval_all([t.model for t in terms]):
-        for t in terms:
-            ctx = expert_context if t.expert_prompt and expert_context is not None else context
-            total = total + t.weight * _teacher_forced(t, [ctx + c for c in continuations], keep, vocab).to(device)
-    logp = total.double().log_softmax(-1).cpu()
-    return [logp[i, keep - 1 - len(c):keep - 1].gather(1, torch.tensor(c)[:, None]).squeeze(1)
-            for i, c in enumerate(continuations)]
+        return [_term_continuation_logprobs(t, expert_context if t.expert_prompt and expert_context is not None
+                                            else context, continuations, vocab).to(device) for t in terms]
 
 
-def _teacher_forced(term: ModelTerm, rows: list[list[int]], keep: int, vocab: int) -> torch.Tensor:
-    """(rows, keep, vocab) fp32 log-probabilities at the last ``keep`` positions of left-padded rows."""
-    stream = _Stream(term.model, rows, 0, 0, term.adapters_off)
-    width = stream.pending.shape[1]
-    logits = stream.forward(stream.pending, stream.mask, stream.positions, **stream.keep(width - keep, width)).logits
-    return logits[:, -keep:, :vocab].float().log_softmax(-1)
+def combine_continuation_logprobs(per_term: Sequence[torch.Tensor], weights: Sequence[float],
+                                  continuations: list[list[int]]) -> list[torch.Tensor]:
+    """Per-token log-probabilities of each continuation under ``softmax(sum_j weights_j per_term_j)`` (float64, CPU)."""
+    total = sum(float(w) * lp.double() for w, lp in zip(weights, per_term))
+    logp = total.log_softmax(-1).cpu()
+    return [logp[i, :len(c)].gather(1, torch.tensor(c)[:, None]).squeeze(1) for i, c in enumerate(continuations)]
+
+
+def _term_continuation_logprobs(term: ModelTerm, context: list[int], continuations: list[list[int]],
+                                vocab: int) -> torch.Tensor:
+    """(continuations, longest, vocab) fp32 log-probabilities: the context runs once, the continuations
+    (all but their last token) run as one batch from its KV cache repeated per continuation."""
+    n, longest, p = len(continuations), max(len(c) for c in continuations), len(context)
+    stream = _Stream(term.model, [context], 0, 0, term.adapters_off)
+    first = stream.forward(stream.pending, stream.mask, stream.positions, **stream.keep(p - 1, p)).logits
+    first = first[:, -1, :vocab].float().log_softmax(-1).expand(n, -1)
+    if longest == 1:
+        return first[:, None]
+    rest, device = [c[:-1] for c in continuations], stream.device
+    ids = torch.tensor([r + [0] * (longest - 1 - len(r)) for r in rest], device=device)
+    mask = torch.tensor([[1] * (p + len(r)) + [0] * (longest - 1 - len(r)) for r in rest], device=device)
+    stream.cache.batch_repeat_interleave(n)
+    positions = torch.arange(p, p + longest - 1, device=device).expand(n, -1)
+    later = stream.forward(ids, mask, positions, **stream.keep(0, longest - 1)).logits
+    return torch.cat([first[:, None], later[..., :vocab].float().log_softmax(-1)], dim=1)
 
 
 def proxy_logprobs(base: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
