@@ -29,7 +29,7 @@ def test_unknown_method_and_bad_literal(run_config):
         load_run_config(bad)
     msg = str(err.value)
     assert "unknown method 'lorra'. Did you mean 'lora'?" in msg
-    assert "train.precision: 'bf61' is not one of 'fp32', 'bf16', 'fp16'" in msg
+    assert "train.precision: 'bf61' is not one of 'fp32', 'bf16', 'fp16', 'auto'" in msg
 
 
 def test_cross_field_checks_name_the_key(run_config):

@@ -1,4 +1,4 @@
-"""Thread count from idle cores."""
+"""Thread count from idle cores; half precision only where the device computes it fast."""
 
 import os
 
@@ -28,3 +28,46 @@ def test_explicit_and_environment_counts_win(monkeypatch) -> None:
     assert hardware.choose_threads(3) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert hardware.choose_threads(0) == torch.get_num_threads()
+
+
+@pytest.mark.parametrize(("speedup", "expected"), [(6.0, "bf16"), (1.2, "bf16"), (0.9, "fp32"), (0.02, "fp32")])
+def test_auto_precision_takes_bf16_only_where_it_is_faster(monkeypatch, speedup: float, expected: str) -> None:
+    monkeypatch.setattr(hardware, "cpu_matmul_speedup", lambda dtype: speedup)
+    assert hardware.resolve_precision("auto", torch.device("cpu")) == expected
+    assert hardware.resolve_precision("fp16", torch.device("cpu")) == "fp16"  # an explicit choice is kept
+
+
+def test_measured_speedup_is_a_real_ratio() -> None:
+    speedup = hardware.cpu_matmul_speedup(torch.bfloat16)
+    assert 0 < speedup < 100
+    assert hardware.cpu_matmul_speedup(torch.bfloat16) == speedup  # measured once per process
+
+
+def test_slow_half_precision_on_cpu_warns_with_the_setting_and_the_fix(monkeypatch) -> None:
+    monkeypatch.setattr(hardware, "cpu_matmul_speedup", lambda dtype: 0.025)
+    with pytest.warns(UserWarning, match=r"train.precision is bf16.*40x slower than fp32.*fp32, or to auto"):
+        hardware.warn_if_slow("bf16", torch.device("cpu"), "train.precision")
+    monkeypatch.setattr(hardware, "cpu_matmul_speedup", lambda dtype: 4.0)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hardware.warn_if_slow(torch.bfloat16, torch.device("cpu"), "model.dtype")
+        hardware.warn_if_slow("fp32", torch.device("cpu"), "model.dtype")
+
+
+@pytest.mark.parametrize(("speedup", "precision", "weights"), [(0.02, "fp32", "fp32"), (4.0, "bf16", "bf16")])
+def test_training_with_auto_precision_runs_and_records_what_it_chose(monkeypatch, run_config, speedup: float,
+                                                                     precision: str, weights: str) -> None:
+    import yaml
+
+    from lmadapt.methods import build_method
+    from lmadapt.train import load_run_config, train, training_model_config
+
+    monkeypatch.setattr(hardware, "cpu_matmul_speedup", lambda dtype: speedup)
+    run_config["model"]["dtype"] = "auto"
+    run_config["train"].update(precision="auto", max_steps=2)
+    result = train(run_config, progress=False)
+    saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
+    assert saved["train"]["precision"] == precision
+    stored = training_model_config(load_run_config(saved), build_method(saved["method"])).dtype
+    assert stored == weights  # a frozen base is stored in bf16 only when the run computes in bf16

@@ -206,17 +206,25 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="apply an adapter trained on another base model")
 
 
+def _config_command(sub: Any, name: str, help: str, config_help: str, example: str, func: Any, *,
+                    resume: bool = False) -> None:
+    """A subcommand that runs one YAML config with ``key=value`` overrides into an output folder."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("config", help=config_help)
+    p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+    if resume:
+        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmadapt", description="Adapt pretrained language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train an adapter from a YAML config")
-    p.add_argument("config", help="YAML config file")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-4 method.r=8")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_train)
+    _config_command(sub, "train", "train an adapter from a YAML config", "YAML config file",
+                    "train.lr=1e-4 method.r=8", _cmd_train, resume=True)
 
     p = sub.add_parser("config-help", help="list every config key with its type, default and meaning")
     p.set_defaults(func=_cmd_help_config)
@@ -259,21 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vas-top-k", type=int, default=None, help="candidates reweighted per step (default 10)")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("vas-train", help="train VAS value model(s) from a YAML config (docs/vas.md)")
-    p.add_argument("config", help="YAML config file, e.g. examples/vas.yaml")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. n_per_prompt=8 train.lr=1e-5")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_vas_train)
-
-    p = sub.add_parser("make-helper", help="make a small same-tokenizer Llama by distillation "
-                                           "(docs/helper_models.md)")
-    p.add_argument("config", help="YAML config, e.g. examples/helper_model.yaml")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=20 hidden_size=256")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_make_helper)
+    _config_command(sub, "vas-train", "train VAS value model(s) from a YAML config (docs/vas.md)",
+                    "YAML config file, e.g. examples/vas.yaml", "n_per_prompt=8 train.lr=1e-5", _cmd_vas_train)
+    _config_command(sub, "make-helper", "make a small same-tokenizer Llama by distillation (docs/helper_models.md)",
+                    "YAML config, e.g. examples/helper_model.yaml", "train.max_steps=20 hidden_size=256",
+                    _cmd_make_helper, resume=True)
 
     p = sub.add_parser("merge", help="fold an adapter into the base weights and save a plain model")
     _model_args(p)

@@ -241,6 +241,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def config_source(source: Any, overrides: typing.Sequence[str] | dict[str, Any] = ()) -> tuple[dict[str, Any], str | None]:
+    """(data, file name or None) for a config given as a YAML path, a dict or a config dataclass, with
+    ``key=value`` overrides (or a dict of them) merged in: what every ``load_*_config`` starts from."""
+    if dataclasses.is_dataclass(source) and not isinstance(source, type):
+        data, where = to_dict(source), None
+    elif isinstance(source, dict):
+        data, where = dict(source), None
+    else:
+        data, where = read_yaml(source), str(source)
+    extra = dict(overrides) if isinstance(overrides, dict) else parse_overrides(list(overrides))
+    return deep_merge(data, extra), where
+
+
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(key, type, default, help) rows for every field of a config dataclass, recursing into sections."""
     rows = []

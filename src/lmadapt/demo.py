@@ -22,11 +22,11 @@ from lmadapt.models import default_cache_dir
 TRAIN_EXAMPLES = 512
 TEST_EXAMPLES = 250
 RECIPE: dict[str, Any] = {
-    "model": {"name_or_path": "smollm2-135m-instruct", "dtype": "bf16"},
+    "model": {"name_or_path": "smollm2-135m-instruct", "dtype": "auto"},
     "data": {"use_chat_template": True, "max_length": 512, "validation_fraction": 0.05},
     "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0,
                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-    "train": {"lr": 1e-3, "batch_size": 8, "grad_accum": 1, "epochs": 1, "precision": "bf16",
+    "train": {"lr": 1e-3, "batch_size": 8, "grad_accum": 1, "epochs": 1, "precision": "auto",
               "schedule": "linear", "warmup_steps": 3, "eval_every": 20, "save_every": 20, "seed": 0},
 }
 SPLIT_TEST = 250  # the fixed held-out split; the demo scores its first TEST_EXAMPLES (class-balanced shuffle)

@@ -29,10 +29,11 @@ from torch import nn
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from lmadapt.checkpoint import checkpoint_dirs
-from lmadapt.config import deep_merge, from_dict, option, parse_overrides, read_yaml, to_dict
+from lmadapt.config import config_source, from_dict, option, to_dict
 from lmadapt.data import DataConfig, load_splits
 from lmadapt.errors import LmadaptError
 from lmadapt.fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_output_dir
+from lmadapt.hardware import resolve_precision
 from lmadapt.loop import LoopResult, TrainConfig, Trainer, _to, autocast
 from lmadapt.methods import build_method
 from lmadapt.models import ModelConfig, default_cache_dir, load_model, load_tokenizer, resolve_device, \
@@ -116,14 +117,8 @@ class HelperConfig:
 def load_helper_config(source: str | Path | dict[str, Any] | HelperConfig,
                        overrides: list[str] | dict[str, Any] = ()) -> HelperConfig:
     """A checked :class:`HelperConfig` from a YAML path, dict or config, with ``key=value`` overrides."""
-    if isinstance(source, HelperConfig):
-        data, where = to_dict(source), None
-    elif isinstance(source, dict):
-        data, where = dict(source), None
-    else:
-        data, where = read_yaml(source), str(source)
-    extra = parse_overrides(list(overrides)) if isinstance(overrides, (list, tuple)) else dict(overrides)
-    return from_dict(HelperConfig, deep_merge(data, extra), where)
+    data, where = config_source(source, overrides)
+    return from_dict(HelperConfig, data, where)
 
 
 # ----------------------------------------------------------------------------------------------- pieces
@@ -244,6 +239,8 @@ def make_helper(cfg: HelperConfig | str | Path | dict[str, Any], *, progress: bo
         check_output_dir(run_dir, cfg.overwrite)
     set_seed(cfg.train.seed)
     device = resolve_device(cfg.device)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=resolve_precision(
+        cfg.train.precision, device)))
     source = resolve_model_path(cfg.tokenizer_from)
     tokenizer = load_tokenizer(source)
     teacher = load_teacher(cfg, tokenizer, device)

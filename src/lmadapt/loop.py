@@ -12,6 +12,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,7 @@ from lmadapt.config import option
 from lmadapt.errors import LmadaptError
 from lmadapt.methods import Method, StepContext
 from lmadapt.attention import training_attention
-from lmadapt.hardware import choose_threads
+from lmadapt.hardware import choose_threads, resolve_precision, warn_if_slow
 from lmadapt.objectives import causal_lm_loss, model_inputs
 from lmadapt.reporting import MetricsLog
 from lmadapt.schedules import lr_factor
@@ -41,8 +42,10 @@ class TrainConfig:
     batch_size: int = option(8, "Sequences (or packed rows) per micro-batch.")
     grad_accum: int = option(1, "Micro-batches per optimizer step.")
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this (0: no clipping).")
-    precision: Literal["fp32", "bf16", "fp16"] = option(
-        "fp32", "Autocast precision of the forward/backward (weights keep model.dtype).")
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = option(
+        "fp32", "Autocast precision of the forward/backward (weights keep model.dtype). auto: bf16 where the "
+        "device runs bf16 matmuls faster than fp32 (a CUDA GPU with bf16, a CPU with AMX/AVX512-BF16; measured "
+        "once), else fp32.")
     schedule: Literal["constant", "linear", "cosine", "wsd"] = option("cosine", "Learning-rate schedule after warm-up.")
     warmup_steps: int = option(0, "Linear warm-up steps (overrides warmup_ratio when > 0).")
     warmup_ratio: float = option(0.0, "Warm-up as a fraction of the total steps.")
@@ -173,6 +176,8 @@ class Trainer:
                  val_batcher: Any | None, run_dir: Path, *, base_model: str | None,
                  base_fingerprint: str | None, device: torch.device,
                  loss_fn: Callable = causal_lm_loss) -> None:
+        cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
+        warn_if_slow(cfg.precision, device, "train.precision")
         self.model, self.method, self.cfg = model, method, cfg
         self.train_batcher, self.val_batcher = train_batcher, val_batcher
         self.run_dir, self.device, self.loss_fn = Path(run_dir), device, loss_fn

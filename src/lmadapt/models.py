@@ -41,6 +41,7 @@ from transformers import (  # noqa: E402
 
 from lmadapt.config import option  # noqa: E402
 from lmadapt.errors import ModelError  # noqa: E402
+from lmadapt.hardware import warn_if_slow  # noqa: E402
 
 SOURCE_FILE = "lmadapt_source.json"
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -297,6 +298,7 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     """(model, tokenizer) from a local folder or a built-in: eval mode, on the resolved device and dtype."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    warn_if_slow(dtype, device, "model.dtype")
     folder = resolve_model_path(cfg.name_or_path, cfg.cache_dir)
     tokenizer = load_tokenizer(folder, trust_remote_code=cfg.trust_remote_code)
     kwargs: dict[str, Any] = dict(dtype=dtype, local_files_only=True, trust_remote_code=cfg.trust_remote_code)

@@ -21,15 +21,15 @@ import yaml
 
 from lmadapt.adapters import check_base, load_adapter_weights, read_adapter_info, save_adapter
 from lmadapt.checkpoint import checkpoint_dirs
-from lmadapt.config import (ConfigError, deep_merge, from_dict, option, parse_overrides, read_yaml,
-                            to_dict)
+from lmadapt.config import ConfigError, config_source, from_dict, option, to_dict
 from lmadapt.data import Batcher, DataConfig, load_splits
 from lmadapt.errors import LmadaptError
 from lmadapt.evaluation import EvalConfig, compare_table, evaluate
 from lmadapt.fsutil import atomic_write_json, atomic_write_text, check_output_dir
+from lmadapt.hardware import resolve_precision
 from lmadapt.loop import LoopResult, TrainConfig, Trainer
 from lmadapt.methods import Method, build_method, method_problems
-from lmadapt.models import ModelConfig, fingerprint, load_model, model_display_name
+from lmadapt.models import ModelConfig, fingerprint, load_model, model_display_name, resolve_device
 from lmadapt.reporting import plot_loss, read_metrics
 from lmadapt.tree import count_parameters
 
@@ -58,14 +58,7 @@ def load_run_config(source: str | Path | dict[str, Any] | RunConfig,
     Every problem (unknown keys with "did you mean", wrong types, bad values, method fields) is reported
     in one :class:`ConfigError`.
     """
-    if isinstance(source, RunConfig):
-        data, where = to_dict(source), None
-    elif isinstance(source, dict):
-        data, where = dict(source), None
-    else:
-        data, where = read_yaml(source), str(source)
-    extra = parse_overrides(list(overrides)) if isinstance(overrides, (list, tuple)) else dict(overrides)
-    data = deep_merge(data, extra)
+    data, where = config_source(source, overrides)
     if isinstance(data.get("method"), str):
         data["method"] = {"name": data["method"]}
     problems: list[str] = []
@@ -112,6 +105,8 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
     and ends with the same weights as a run that was never interrupted.
     """
     cfg = load_run_config(config, overrides)
+    precision = resolve_precision(cfg.train.precision, resolve_device(cfg.model.device))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
     run_dir = Path(cfg.output_dir)
     if resume:
         if not checkpoint_dirs(run_dir):

@@ -34,7 +34,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
-from lmadapt.config import ConfigError, deep_merge, from_dict, option, parse_overrides, read_yaml, to_dict
+from lmadapt.config import ConfigError, config_source, from_dict, option, to_dict
 from lmadapt.data.batching import Batcher
 from lmadapt.data.readers import read_records
 from lmadapt.errors import DataError, LmadaptError, ModelError
@@ -514,11 +514,7 @@ class VasConfig:
 def load_vas_config(source: str | Path | dict[str, Any] | VasConfig,
                     overrides: Sequence[str] | dict[str, Any] = ()) -> VasConfig:
     """A validated :class:`VasConfig` from YAML, a dict or a VasConfig, with ``key=value`` overrides."""
-    if isinstance(source, VasConfig):
-        data, where = to_dict(source), None
-    else:
-        data, where = (dict(source), None) if isinstance(source, dict) else (read_yaml(source), str(source))
-    data = deep_merge(data, parse_overrides(list(overrides)) if not isinstance(overrides, dict) else overrides)
+    data, where = config_source(source, overrides)
     if isinstance(data.get("method"), str):
         data["method"] = {"name": data["method"]}
     if isinstance(data.get("method"), dict):
