@@ -15,7 +15,7 @@ interleaved (each repeat runs every configuration once) so background load sprea
 reported. ``cost_ratio_cpu_time`` is the same ratio on this process's CPU time, which a busy shared
 machine disturbs less than wall-clock time (with one thread it is the compute actually spent).
 
-    python benchmarks/proxy_decode.py                                   # SmolLM2-135M-Instruct, bf16
+    python benchmarks/proxy_decode.py                                   # SmolLM2-135M-Instruct, bf16 if fast
     python benchmarks/proxy_decode.py --new-tokens 32 --repeats 3       # quicker
     python benchmarks/proxy_decode.py --large L --small S --adapter DIR   # a real small expert
 
@@ -125,7 +125,8 @@ def main() -> None:
     p.add_argument("--large", default="smollm2-135m-instruct", help="the large base model (built-in name or folder)")
     p.add_argument("--small", default=None, help="the small base model (default: the large model itself)")
     p.add_argument("--adapter", default=None, help="the expert's adapter on the small model (default: random LoRA)")
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 where this CPU runs it faster than fp32, else fp32")
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
@@ -134,6 +135,9 @@ def main() -> None:
                         "make each forward spin-wait and the timings meaningless)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    from lmadapt.hardware import resolve_precision
+
+    args.dtype = resolve_precision(args.dtype, torch.device("cpu"))
     large, small, tok, expert = _load(args)
     print(f"large {args.large} ({args.dtype}); expert: {expert}")
     print(f"{args.new_tokens} new tokens, greedy, stop tokens ignored; median of {args.repeats} interleaved "

@@ -53,7 +53,8 @@ def main() -> None:
     p.add_argument("--small-adapter", required=True, help="LoRA adapter of the small model on this task")
     p.add_argument("--betas", default="1.0", help="comma-separated proxy weights")
     p.add_argument("--examples", type=int, default=250)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 where this CPU runs it faster than fp32, else fp32")
     p.add_argument("--threads", type=int, default=0, help="0: as lmadapt chooses (idle cores)")
     args = p.parse_args()
 
@@ -62,11 +63,12 @@ def main() -> None:
     from lmadapt.api import load
     from lmadapt.evaluation import _candidate_ids
     from lmadapt.generation import encode_prompt
-    from lmadapt.hardware import choose_threads
+    from lmadapt.hardware import choose_threads, resolve_precision
     from lmadapt.steering import (ModelTerm, check_vocabularies, combine_continuation_logprobs,
                                   common_vocab_size, continuation_logprobs)
 
     torch.set_num_threads(choose_threads(args.threads))
+    args.dtype = resolve_precision(args.dtype, torch.device("cpu"))
     examples, labels = _examples(args.examples)
     large, tok, _ = load(args.large, args.large_adapter, dtype=args.dtype)
     small, small_tok, _ = load(args.small, args.small_adapter, dtype=args.dtype)

@@ -39,7 +39,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--vas-top-k", type=int, default=10)
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 where this CPU runs it faster than fp32, else fp32")
     p.add_argument("--threads", type=int, default=0, help="0: as lmadapt chooses (idle cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show", type=int, default=2, help="completions printed per setting")
@@ -47,12 +48,13 @@ def main() -> None:
 
     from lmadapt.api import load
     from lmadapt.generation import generate
-    from lmadapt.hardware import choose_threads
+    from lmadapt.hardware import choose_threads, resolve_precision
     from lmadapt.rewards import load_reward
     from lmadapt.steering import check_vocabularies, steered_generate
     from lmadapt.vas import load_value_model, read_prompts
 
     torch.set_num_threads(choose_threads(args.threads))
+    args.dtype = resolve_precision(args.dtype, torch.device("cpu"))
     model, tok, _ = load(args.model, dtype=args.dtype)
     values, specs = [], []
     for path in args.values.split(","):
