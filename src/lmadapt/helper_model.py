@@ -264,9 +264,16 @@ def make_helper(cfg: HelperConfig | str | Path | dict[str, Any], *, progress: bo
     info = _helper_info(cfg, data_report, result, before, after, sum(p.numel() for p in student.parameters()))
     model_dir = _save_helper(student, source, run_dir / "model", info)
     atomic_write_json(run_dir / "report.json", info)
-    plot_loss(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png", title="make-helper")
+    plot_loss(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png", title="make-helper",
+              ylabel=f"{_loss_name(cfg)} (nats/token)")
     _say(f"helper model saved to {model_dir}: {info['what']}")
     return model_dir
+
+
+def _loss_name(cfg: HelperConfig) -> str:
+    """What the loss curve shows, e.g. ``T²·KL(teacher ‖ student)`` (the default) or ``... + CE``."""
+    kl = cfg.distill_weight and cfg.teacher_name() is not None
+    return " + ".join(name for name, on in (("T²·KL(teacher ‖ student)", kl), ("CE", cfg.lm_weight)) if on)
 
 
 def _train(cfg: HelperConfig, student: nn.Module, teacher: nn.Module | None, vocab_size: int, batcher: Any,

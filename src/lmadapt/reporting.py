@@ -47,7 +47,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def plot_loss(records: list[dict[str, Any]], path: str | Path, title: str = "") -> Path | None:
+def plot_loss(records: list[dict[str, Any]], path: str | Path, title: str = "",
+              ylabel: str = "cross-entropy (nats/token)") -> Path | None:
     """Training loss (raw and smoothed) and validation loss against the step, as a PNG."""
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
@@ -71,7 +72,7 @@ def plot_loss(records: list[dict[str, Any]], path: str | Path, title: str = "") 
         steps, losses = zip(*val)
         ax.plot(steps, losses, "o-", color="#d94801", label="validation loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title or "lmadapt training")
     ax.grid(alpha=0.3)
     ax.legend()
