@@ -205,6 +205,16 @@ def test_the_head_always_trains_and_every_parameter_is_in_one_group(tokenizer, s
         assert wrapped and not any("value_head" in n or "lm_head" in n for n in wrapped)
 
 
+def test_the_head_learning_rate_ratio_scales_only_the_head(tokenizer):
+    vm = ValueModel(tiny_llama(), tokenizer)
+    method = value_method("full", vm, head_lr_ratio=50.0)
+    method.apply(vm)
+    optimizer = build_optimizer(vm, method, TrainConfig(lr=1e-4))
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs.pop("value_head") == pytest.approx(5e-3)
+    assert lrs and all(lr == pytest.approx(1e-4) for lr in lrs.values())
+
+
 def test_lora_training_is_merged_into_a_plain_backbone(tokenizer, tmp_path):
     samples = toy_samples(tokenizer, 16, seed=2)
     vm = ValueModel(tiny_llama(), tokenizer)

@@ -363,8 +363,8 @@ class _WithValueHead:
     other hook (extra_loss, merge, unload, ...) is the inner method's, by delegation.
     """
 
-    def __init__(self, inner: Method) -> None:
-        self.inner, self.name = inner, f"{inner.name}+value_head"
+    def __init__(self, inner: Method, head_lr_ratio: float = 1.0) -> None:
+        self.inner, self.name, self.head_lr_ratio = inner, f"{inner.name}+value_head", head_lr_ratio
 
     def __getattr__(self, attr: str) -> Any:
         if attr == "inner":  # not set yet (e.g. while unpickling)
@@ -382,7 +382,8 @@ class _WithValueHead:
         head = list(model.value_head.parameters())
         groups = [dataclasses.replace(g, params=[p for p in g.params if all(p is not h for h in head)])
                   for g in self.inner.parameter_groups(model)]
-        return [g for g in groups if g.params] + [ParamGroup("value_head", head, weight_decay=0.0)]
+        return [g for g in groups if g.params] + [ParamGroup("value_head", head, lr_scale=self.head_lr_ratio,
+                                                             weight_decay=0.0)]
 
     def adapter_state(self, model: ValueModel) -> dict[str, torch.Tensor]:
         head = {f"value_head.{k}": v.detach() for k, v in model.value_head.state_dict().items()}
@@ -394,8 +395,9 @@ class _WithValueHead:
         self.inner.load_adapter_state(model, {k: v for k, v in state.items() if not k.startswith("value_head.")})
 
 
-def value_method(spec: dict[str, Any] | str, vm: ValueModel) -> Any:
-    """The method that trains ``vm``: ``spec`` (e.g. {"name": "lora", "r": 16}) on the backbone, plus the head.
+def value_method(spec: dict[str, Any] | str, vm: ValueModel, head_lr_ratio: float = 1.0) -> Any:
+    """The method that trains ``vm``: ``spec`` (e.g. {"name": "lora", "r": 16}) on the backbone, plus the head
+    (at ``head_lr_ratio`` times the run's learning rate).
 
     Methods with ``exclude_modules`` (lora) are told to leave the value head and the LM head alone.
     """
@@ -410,7 +412,7 @@ def value_method(spec: dict[str, Any] | str, vm: ValueModel) -> Any:
     if not inner.mergeable:
         raise LmadaptError(f"method {inner.name!r} cannot be merged into the backbone, and value models are saved "
                            f"as plain models; use full, lora or freeze")
-    return _WithValueHead(inner)
+    return _WithValueHead(inner, head_lr_ratio)
 
 
 def _pad_id(vm: ValueModel) -> int:
@@ -421,14 +423,14 @@ def _pad_id(vm: ValueModel) -> int:
 def fit_value_model(vm: ValueModel, samples: Sequence[Sample], targets: Sequence[float], *, train: TrainConfig,
                     run_dir: str | Path, method: dict[str, Any] | str = "full", gamma: float = 1.0,
                     lam: float = 0.95, val: tuple[Sequence[Sample], Sequence[float]] | None = None,
-                    progress: bool = False) -> LoopResult:
+                    head_lr_ratio: float = 1.0, progress: bool = False) -> LoopResult:
     """Train ``vm`` in place through :class:`lmadapt.loop.Trainer` with :func:`value_loss`; ``targets`` are the
     final rewards (already normalised). The method is merged and unloaded afterwards: ``vm.backbone`` is a
     plain model again."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     pad_id = _pad_id(vm)
-    m = value_method(method, vm)
+    m = value_method(method, vm, head_lr_ratio)
     m.apply(vm)
     batcher = _RewardBatcher(samples, targets, batch_size=train.batch_size, pad_id=pad_id, seed=train.seed)
     val_batcher = _RewardBatcher(*val, batch_size=train.batch_size, pad_id=pad_id, seed=train.seed) \
@@ -491,6 +493,9 @@ class VasConfig:
     method: dict[str, Any] = option(default_factory=lambda: {"name": "full"},
                                     help="How the backbone trains: full, lora (+ its fields) or freeze; the "
                                          "value head always trains.")
+    head_lr_ratio: float = option(1.0, "The value head's learning rate as a multiple of train.lr. The head starts "
+                                       "at zero; with 1.0 and a few hundred steps it may learn only the mean "
+                                       "(docs/vas.md).")
     train: TrainConfig = option(default_factory=TrainConfig, help="Optimisation and the loop.")
     output_dir: str = option("runs/vas", "Run folder: samples.jsonl, report.json, values/<reward>/.")
     overwrite: bool = option(False, "Replace an existing, non-empty output_dir.")
@@ -502,7 +507,8 @@ class VasConfig:
                  ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("gamma", 0 <= self.gamma <= 1, "in [0, 1]"),
                  ("lam", 0 <= self.lam <= 1, "in [0, 1]"),
                  ("validation_fraction", 0 <= self.validation_fraction < 1, "in [0, 1)"),
-                 ("reward_clip", self.reward_clip is None or self.reward_clip > 0, "> 0 or null")]
+                 ("reward_clip", self.reward_clip is None or self.reward_clip > 0, "> 0 or null"),
+                 ("head_lr_ratio", self.head_lr_ratio > 0, "> 0")]
         problems = [f"{k}: must be {want}, got {getattr(self, k)}" for k, ok, want in rules if not ok]
         if not self.rewards:
             problems.append("rewards: give at least one, e.g. [examples/rewards.py:brevity]")
@@ -597,7 +603,7 @@ def _train_one(cfg: VasConfig, reward: Reward, samples: list[Sample], out: Path,
     vm = ValueModel(backbone, tokenizer, info)
     result = fit_value_model(vm, train_set, targets, train=cfg.train, run_dir=out / "logs" / reward.name,
                              method=cfg.method, gamma=cfg.gamma, lam=cfg.lam, val=(val_set, val_targets),
-                             progress=progress)
+                             head_lr_ratio=cfg.head_lr_ratio, progress=progress)
     corr = value_reward_correlation(vm, val_set, val_targets) if len(val_set) > 1 else float("nan")
     corr = None if math.isnan(corr) else round(corr, 4)
     vm.info["heldout_correlation"] = corr
