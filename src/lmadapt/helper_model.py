@@ -37,7 +37,7 @@ from lmadapt.hardware import resolve_precision
 from lmadapt.loop import LoopResult, TrainConfig, Trainer, _to, autocast
 from lmadapt.methods import build_method
 from lmadapt.models import ModelConfig, default_cache_dir, load_model, load_tokenizer, resolve_device, \
-    resolve_model_path
+    resolve_model_path, vocabulary_mismatch
 from lmadapt.objectives import causal_lm_loss, distillation_loss
 from lmadapt.reporting import plot_loss, read_metrics
 from lmadapt.train import _batcher, _drop_metrics_after, set_seed
@@ -182,12 +182,11 @@ def load_teacher(cfg: HelperConfig, tokenizer: Any, device: torch.device) -> nn.
         return None
     dtype = "bf16" if cfg.train.precision == "bf16" else "fp32"
     teacher, teacher_tok = load_model(ModelConfig(name_or_path=name, dtype=dtype, device=str(device)))
-    ours, theirs = tokenizer.get_vocab(), teacher_tok.get_vocab()
-    if ours != theirs:
-        example = sorted(set(ours.items()) ^ set(theirs.items()))[:1]
+    mismatch = vocabulary_mismatch(tokenizer, teacher_tok)
+    if mismatch:
         raise LmadaptError(f"teacher {name!r} has a different tokenizer from tokenizer_from "
-                           f"{cfg.tokenizer_from!r} ({len(theirs):,} vs {len(ours):,} tokens; first difference: "
-                           f"{example}). Distillation compares next-token distributions over one vocabulary: "
+                           f"{cfg.tokenizer_from!r} ({len(teacher_tok.get_vocab()):,} vs {len(tokenizer.get_vocab()):,} "
+                           f"tokens; it differs {mismatch}). Distillation compares next-token distributions over one vocabulary: "
                            f"use a teacher with the same tokenizer, or teacher=null.")
     width = teacher.get_output_embeddings().weight.shape[0]
     if width < len(tokenizer):

@@ -277,6 +277,19 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return _DTYPES[spec]
 
 
+def vocabulary_mismatch(tokenizer: PreTrainedTokenizerBase, other: PreTrainedTokenizerBase) -> str | None:
+    """None when both tokenizers map every id to the same token; else where they differ, as a phrase:
+    ``"in 2 token id(s), e.g. id 17: '2' vs '3', id 18: '3' vs '2'"`` (at most five ids shown)."""
+    ours = {i: t for t, i in tokenizer.get_vocab().items()}
+    theirs = {i: t for t, i in other.get_vocab().items()}
+    differ = sorted(i for i in ours.keys() | theirs.keys() if ours.get(i) != theirs.get(i))
+    if not differ:
+        return None
+    show = lambda token: "(none)" if token is None else repr(token)  # noqa: E731
+    shown = ", ".join(f"id {i}: {show(ours.get(i))} vs {show(theirs.get(i))}" for i in differ[:5])
+    return f"in {len(differ)} token id(s), e.g. {shown}"
+
+
 def load_tokenizer(name_or_path: str | Path, *, trust_remote_code: bool = False,
                    cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of a model folder or built-in, with a pad token (eos when it has none)."""

@@ -44,6 +44,7 @@ from transformers import PreTrainedTokenizerBase
 from lmadapt.errors import LmadaptError
 from lmadapt.generation import (_check_arguments, _seeded, _Streamer, decode_new, encode_prompt, eval_mode,
                                 left_pad, stop_token_ids)
+from lmadapt.models import vocabulary_mismatch
 from lmadapt.tree import adapters_disabled
 
 
@@ -104,10 +105,6 @@ def proxy_terms(base: nn.Module, *, expert: nn.Module | None = None, anti_expert
 
 # ----------------------------------------------------------------------------------------------- vocabulary
 
-def _id_to_token(tokenizer: PreTrainedTokenizerBase) -> dict[int, str]:
-    return {i: t for t, i in tokenizer.get_vocab().items()}
-
-
 def _special(tokenizer: PreTrainedTokenizerBase) -> dict[int, str]:
     return {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if t.special}
 
@@ -115,25 +112,18 @@ def _special(tokenizer: PreTrainedTokenizerBase) -> dict[int, str]:
 def check_vocabularies(tokenizer: PreTrainedTokenizerBase, others: Mapping[str, PreTrainedTokenizerBase]) -> None:
     """Raise unless every tokenizer of ``others`` maps the same ids to the same tokens, with the same special
     tokens, as ``tokenizer``; the message counts the differing ids and shows the first few."""
-    ref, ref_special = _id_to_token(tokenizer), _special(tokenizer)
+    ref_special = _special(tokenizer)
     problems = []
     for name, other in others.items():
-        theirs = _id_to_token(other)
-        differ = sorted(i for i in ref.keys() | theirs.keys() if ref.get(i) != theirs.get(i))
-        if differ:
-            shown = ", ".join(f"id {i}: {_show(ref.get(i))} vs {_show(theirs.get(i))}" for i in differ[:5])
-            problems.append(f"the {name} tokenizer differs from the base model's in {len(differ)} token "
-                            f"id(s), e.g. {shown}")
+        mismatch = vocabulary_mismatch(tokenizer, other)
+        if mismatch:
+            problems.append(f"the {name} tokenizer differs from the base model's {mismatch}")
         elif _special(other) != ref_special:
             problems.append(f"the {name} tokenizer marks other tokens as special: base "
                             f"{sorted(ref_special.values())} vs {sorted(_special(other).values())}")
     if problems:
         raise LmadaptError("; ".join(problems) + ". Steering adds per-token scores, so every model must share "
                            "one vocabulary (same model family); lmadapt does no cross-vocabulary mapping")
-
-
-def _show(token: str | None) -> str:
-    return "(none)" if token is None else repr(token)
 
 
 def _logit_width(model: nn.Module) -> int:

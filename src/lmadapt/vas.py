@@ -43,7 +43,7 @@ from lmadapt.generation import decode_new, encode_prompt, eval_mode, left_pad, s
 from lmadapt.loop import LoopResult, TrainConfig, Trainer
 from lmadapt.methods import Method, ParamGroup, build_method, method_class, method_problems
 from lmadapt.models import (ModelConfig, fingerprint, load_model, load_tokenizer, model_display_name,
-                            resolve_device, resolve_dtype)
+                            resolve_device, resolve_dtype, vocabulary_mismatch)
 from lmadapt.objectives import model_inputs
 from lmadapt.rewards import Reward, load_reward
 
@@ -269,11 +269,10 @@ def read_prompts(path: str | Path) -> list[str]:
 def check_same_tokenizer(base: PreTrainedTokenizerBase, value: PreTrainedTokenizerBase, *, base_name: str = "base",
                          value_name: str = "value backbone") -> None:
     """Refuse two tokenizers with different vocabularies: the value model reads the base model's token ids."""
-    a, b = base.get_vocab(), value.get_vocab()
-    if a != b:
-        diff = sorted(set(a.items()) ^ set(b.items()), key=str)
-        raise LmadaptError(f"the tokenizer of {value_name} differs from that of {base_name} ({len(a)} vs {len(b)} "
-                           f"entries, {len(diff)} differing, e.g. {diff[0]!r}). The value model reads the base "
+    mismatch = vocabulary_mismatch(base, value)
+    if mismatch:
+        raise LmadaptError(f"the tokenizer of {value_name} differs from that of {base_name} ({len(base.get_vocab())} "
+                           f"vs {len(value.get_vocab())} entries; it differs {mismatch}). The value model reads the base "
                            f"model's token ids, so both need one vocabulary: pick a value backbone of the same "
                            f"family (e.g. TinyLlama for Llama-2)")
 
