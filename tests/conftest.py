@@ -11,6 +11,16 @@ def _few_threads():
 
 
 @pytest.fixture
+def one_thread():
+    """For modules of tiny models: their matmuls are too small to share, so one thread is faster, and much
+    faster on a busy machine. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tokenizer():
     return tiny_tokenizer()
 

@@ -62,13 +62,7 @@ class StandInValue(nn.Module):
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny models' matmuls are too small to share: one thread is faster, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,7 @@ from lmadapt.vas import (Sample, ValueModel, check_same_tokenizer, collect_sampl
 from lmadapt.vas import _RewardBatcher
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and leave the other core to other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_head(vm: ValueModel, seed: int = 0) -> ValueModel:

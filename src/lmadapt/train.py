@@ -21,14 +21,14 @@ import yaml
 
 from lmadapt.adapters import check_base, load_adapter_weights, read_adapter_info, save_adapter
 from lmadapt.checkpoint import checkpoint_dirs
-from lmadapt.config import ConfigError, config_source, from_dict, option, to_dict
+from lmadapt.config import ConfigError, config_source, option, to_dict
 from lmadapt.data import Batcher, DataConfig, load_splits
 from lmadapt.errors import LmadaptError
 from lmadapt.evaluation import EvalConfig, compare_table, evaluate
 from lmadapt.fsutil import atomic_write_json, atomic_write_text, check_output_dir
 from lmadapt.hardware import resolve_precision
 from lmadapt.loop import LoopResult, TrainConfig, Trainer
-from lmadapt.methods import Method, build_method, method_problems
+from lmadapt.methods import Method, build_method, config_with_method
 from lmadapt.models import ModelConfig, fingerprint, load_model, model_display_name, resolve_device
 from lmadapt.reporting import plot_loss, read_metrics
 from lmadapt.tree import count_parameters
@@ -59,16 +59,7 @@ def load_run_config(source: str | Path | dict[str, Any] | RunConfig,
     in one :class:`ConfigError`.
     """
     data, where = config_source(source, overrides)
-    if isinstance(data.get("method"), str):
-        data["method"] = {"name": data["method"]}
-    problems: list[str] = []
-    cfg = None
-    try:
-        cfg = from_dict(RunConfig, data, where)
-    except ConfigError as exc:
-        problems += exc.problems
-    if isinstance(data.get("method", {}), dict):
-        problems += method_problems(data.get("method", {"name": "lora"}))
+    cfg, problems = config_with_method(RunConfig, data, where, default_method={"name": "lora"})
     if cfg is not None and not cfg.data.train:
         problems.append("data.train: required to train: give the training files or globs, "
                         "e.g. data.train=[train.jsonl]")

@@ -34,14 +34,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
 
-from lmadapt.config import ConfigError, config_source, from_dict, option, to_dict
+from lmadapt.config import ConfigError, config_source, option, to_dict
 from lmadapt.data.batching import Batcher
 from lmadapt.data.readers import read_records
 from lmadapt.errors import DataError, LmadaptError, ModelError
 from lmadapt.fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_output_dir
 from lmadapt.generation import decode_new, encode_prompt, eval_mode, left_pad, stop_token_ids
 from lmadapt.loop import LoopResult, TrainConfig, Trainer
-from lmadapt.methods import Method, ParamGroup, build_method, method_class, method_problems
+from lmadapt.methods import Method, ParamGroup, build_method, config_with_method, method_class
 from lmadapt.models import (ModelConfig, fingerprint, load_model, load_tokenizer, model_display_name,
                             resolve_device, resolve_dtype, vocabulary_mismatch)
 from lmadapt.objectives import model_inputs
@@ -523,15 +523,8 @@ def load_vas_config(source: str | Path | dict[str, Any] | VasConfig,
     if isinstance(data.get("method"), str):
         data["method"] = {"name": data["method"]}
     if isinstance(data.get("method"), dict):
-        data["method"] = {"name": "full", **data["method"]}
-    problems: list[str] = []
-    cfg = None
-    try:
-        cfg = from_dict(VasConfig, data, where)
-    except ConfigError as exc:
-        problems += exc.problems
-    if isinstance(data.get("method"), dict):
-        problems += method_problems(data["method"])
+        data["method"] = {"name": "full", **data["method"]}  # a value model's backbone trains fully by default
+    cfg, problems = config_with_method(VasConfig, data, where, default_method={"name": "full"})
     if problems:
         raise ConfigError(problems, where)
     return cfg  # type: ignore[return-value]

@@ -7,6 +7,7 @@ from lmadapt.methods.base import (
     StepContext,
     available_methods,
     build_method,
+    config_with_method,
     method_class,
     method_for_peft_type,
     method_problems,
@@ -15,6 +16,6 @@ from lmadapt.methods.base import (
 )
 
 __all__ = [
-    "Method", "ParamGroup", "StepContext", "available_methods", "build_method", "method_class",
+    "Method", "ParamGroup", "StepContext", "available_methods", "build_method", "config_with_method", "method_class",
     "method_for_peft_type", "method_problems", "method_spec", "register",
 ]

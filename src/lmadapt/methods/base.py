@@ -197,6 +197,25 @@ def method_problems(spec: dict[str, Any]) -> list[str]:
     return []
 
 
+def config_with_method(cls: type, data: dict[str, Any], where: str | None,
+                       default_method: dict[str, Any]) -> tuple[Any, list[str]]:
+    """(``cls`` built from ``data`` or None, every problem): the config's own fields and its ``method:`` section
+    (checked by that method's rules; a string is a method name; ``default_method`` when absent). ``data`` is
+    updated in place. Callers add their own cross-field checks before raising one ConfigError."""
+    if isinstance(data.get("method"), str):
+        data["method"] = {"name": data["method"]}
+    problems: list[str] = []
+    cfg = None
+    try:
+        cfg = from_dict(cls, data, where)
+    except ConfigError as exc:
+        problems += exc.problems
+    method = data.get("method", default_method)
+    if isinstance(method, dict):
+        problems += method_problems(method)
+    return cfg, problems
+
+
 def build_method(spec: dict[str, Any] | Method) -> Method:
     """A method instance from ``{"name": ..., **fields}`` (validated; raises ConfigError)."""
     if isinstance(spec, Method):
