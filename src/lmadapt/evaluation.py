@@ -171,28 +171,41 @@ def _forward_parameters(model: nn.Module) -> set[str]:
     return set(inspect.signature(model.forward).parameters)
 
 
-def _score_cached(model: nn.Module, context: list[int], continuations: list[list[int]]) -> list[torch.Tensor]:
+def continuation_logits(model: nn.Module, context: list[int], continuations: list[list[int]]) -> torch.Tensor | None:
+    """(continuations, longest, vocab) logits at every continuation position (position t predicts token t).
+
+    The context runs once; the continuations (all but their last token, which predicts nothing scored) run
+    as one right-padded batch from its KV cache repeated per continuation. Positions past a continuation's
+    end are padding. None when the model's cache cannot be repeated (then score context + continuation
+    rows instead). The model is called as it is: wrap it in eval mode or ``adapters_disabled`` outside.
+    """
     device, n, p = _device(model), len(continuations), len(context)
     out = _forward(model, 1, input_ids=torch.tensor([context], device=device), use_cache=True)
-    first = out.logits[0, -1].double().log_softmax(-1).cpu()  # predicts each continuation's first token
-    rest = [c[:-1] for c in continuations]  # the last token of a continuation predicts nothing we score
+    first = out.logits[:, -1:].expand(n, -1, -1)  # predicts each continuation's first token
+    rest = [c[:-1] for c in continuations]
     width = max(len(r) for r in rest)
     cache = out.past_key_values
     if width == 0:  # single-token continuations: the context forward was all we needed
-        return [first[c].reshape(1) for c in continuations]
+        return first
     if not hasattr(cache, "batch_repeat_interleave"):
-        return _score_batched(model, context, continuations)
+        return None
     cache.batch_repeat_interleave(n)
     ids, mask = _right_pad([r or [0] for r in rest], device)  # a one-token continuation gets a dummy row
     mask = torch.cat([torch.ones((n, p), dtype=torch.long, device=device), mask], dim=1)
     positions = torch.arange(p, p + width, device=device).expand(n, -1)
-    logits = _forward(model, width, input_ids=ids, attention_mask=mask, position_ids=positions,
-                      past_key_values=cache, use_cache=True).logits
+    later = _forward(model, width, input_ids=ids, attention_mask=mask, position_ids=positions,
+                     past_key_values=cache, use_cache=True).logits
+    return torch.cat([first, later], dim=1)
+
+
+def _score_cached(model: nn.Module, context: list[int], continuations: list[list[int]]) -> list[torch.Tensor]:
+    logits = continuation_logits(model, context, continuations)
+    if logits is None:
+        return _score_batched(model, context, continuations)
     scores = []
     for i, c in enumerate(continuations):
-        later = logits[i, :len(c) - 1].double().log_softmax(-1).cpu()
-        tail = later.gather(1, torch.tensor(c[1:]).unsqueeze(1)).squeeze(1)
-        scores.append(torch.cat([first[c[0]].reshape(1), tail]))
+        logp = logits[i, :len(c)].double().log_softmax(-1).cpu()
+        scores.append(logp.gather(1, torch.tensor(c).unsqueeze(1)).squeeze(1))
     return scores
 
 

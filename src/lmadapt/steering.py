@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from lmadapt.errors import LmadaptError
+from lmadapt.evaluation import continuation_logits
 from lmadapt.generation import (_check_arguments, _seeded, _Streamer, decode_new, encode_prompt, eval_mode,
                                 left_pad, stop_token_ids)
 from lmadapt.models import vocabulary_mismatch
@@ -437,21 +438,14 @@ def combine_continuation_logprobs(per_term: Sequence[torch.Tensor], weights: Seq
 
 def _term_continuation_logprobs(term: ModelTerm, context: list[int], continuations: list[list[int]],
                                 vocab: int) -> torch.Tensor:
-    """(continuations, longest, vocab) fp32 log-probabilities: the context runs once, the continuations
-    (all but their last token) run as one batch from its KV cache repeated per continuation."""
-    n, longest, p = len(continuations), max(len(c) for c in continuations), len(context)
-    stream = _Stream(term.model, [context], 0, 0, term.adapters_off)
-    first = stream.forward(stream.pending, stream.mask, stream.positions, **stream.keep(p - 1, p)).logits
-    first = first[:, -1, :vocab].float().log_softmax(-1).expand(n, -1)
-    if longest == 1:
-        return first[:, None]
-    rest, device = [c[:-1] for c in continuations], stream.device
-    ids = torch.tensor([r + [0] * (longest - 1 - len(r)) for r in rest], device=device)
-    mask = torch.tensor([[1] * (p + len(r)) + [0] * (longest - 1 - len(r)) for r in rest], device=device)
-    stream.cache.batch_repeat_interleave(n)
-    positions = torch.arange(p, p + longest - 1, device=device).expand(n, -1)
-    later = stream.forward(ids, mask, positions, **stream.keep(0, longest - 1)).logits
-    return torch.cat([first[:, None], later[..., :vocab].float().log_softmax(-1)], dim=1)
+    """(continuations, longest, vocab) fp32 log-probabilities of one term's model, from
+    :func:`lmadapt.evaluation.continuation_logits` (the context once, the continuations from its cache)."""
+    with adapters_disabled(term.model) if term.adapters_off else contextlib.nullcontext():
+        logits = continuation_logits(term.model, context, continuations)
+    if logits is None:
+        raise LmadaptError(f"proxy scoring needs a KV cache that can be repeated per continuation; "
+                           f"{type(term.model).__name__}'s cannot")
+    return logits[..., :vocab].float().log_softmax(-1)
 
 
 def proxy_logprobs(base: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
