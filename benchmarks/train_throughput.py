@@ -12,14 +12,16 @@ one after the other, each in its own fresh process so that peak RSS is its own:
 - the PEFT side saves its freshly initialised adapter; lmadapt starts from it (``init_adapter``),
   so the two loss curves can be compared step by step.
 
-The Trainer runs with ``bf16=True`` (fp32 master weights, bf16 autocast) and sdpa attention; lmadapt
-with its defaults for ``train.precision: bf16`` (a frozen base stored in bf16).
+Both sides run in the precision that is fastest on this machine (``--precision auto``): bf16 where the
+CPU has bf16 matrix units (the Trainer with ``bf16=True``: fp32 master weights, bf16 autocast; lmadapt
+with a frozen base stored in bf16), fp32 where it has none (an AVX2-only CPU runs bf16 matmuls ~45x
+slower than fp32, so a bf16 baseline there would be a straw man). The Trainer uses sdpa attention.
 
 Useful tokens are the real (non-padding) tokens of the examples. Useful FLOPs are the matmul work
 those tokens need (forward and input-gradient of the frozen projections, LoRA forward and backward,
 causal attention, the output head only where a label carries loss); dividing by time and by this
-machine's bf16 GEMM peak (measured here first, with the same thread count) gives the share of the
-peak each side reaches. Model loading is not timed; peak RSS includes it.
+machine's bf16 and fp32 GEMM peaks (measured here first, with the same thread count) gives the share
+of each peak that each side reaches. Model loading is not timed; peak RSS includes it.
 
     python benchmarks/train_throughput.py                    # SmolLM2-135M-Instruct, 400 examples = 50 steps
     python benchmarks/train_throughput.py --sides lmadapt --examples 96   # lmadapt alone, for quick iterations
@@ -158,31 +160,51 @@ class _ListDataset:
         return self.rows[i]
 
 
-def bf16_gemm_peak(threads: int, repeats: int = 7) -> float:
-    """This machine's bf16 matmul rate in FLOP/s: the best median over a few square and model-like shapes."""
+def gemm_peak(dtype_name: str, threads: int, repeats: int = 7, budget_s: float = 20.0) -> float:
+    """This machine's matmul rate in ``dtype_name`` (fp32 or bf16), FLOP/s: the best median over a few
+    square and model-like shapes. A dtype this CPU has no fast path for is measured with fewer repeats
+    and without the largest shapes, within about ``budget_s`` seconds."""
     import torch
 
     torch.set_num_threads(threads)
-    best = 0.0
-    for m, k, n in ((512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048), (4096, 576, 1536), (4096, 1536, 576)):
-        a = torch.randn(m, k, dtype=torch.bfloat16)
-        b = torch.randn(k, n, dtype=torch.bfloat16)
-        a @ b  # warm-up
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    best, spent = 0.0, 0.0
+    for m, k, n in ((512, 512, 512), (4096, 576, 1536), (4096, 1536, 576), (1024, 1024, 1024), (2048, 2048, 2048)):
+        a = torch.randn(m, k, dtype=dtype)
+        b = torch.randn(k, n, dtype=dtype)
+        start = time.perf_counter()
+        a @ b  # warm-up, and a first reading of how slow this is
+        first = time.perf_counter() - start
+        if spent + first * (repeats + 1) > budget_s:
+            best = max(best, 2 * m * k * n / first)
+            break
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             a @ b
             times.append(time.perf_counter() - start)
+        spent += first + sum(times)
         best = max(best, 2 * m * k * n / statistics.median(times))
     return best
+
+
+def best_precision(threads: int) -> str:
+    """The precision a user of either library should pick here: bf16 where its matmuls beat fp32."""
+    from lmadapt.hardware import resolve_precision
+
+    import torch
+
+    torch.set_num_threads(threads)
+    return resolve_precision("auto", torch.device("cpu"))
 
 
 def worker_numerics(args: argparse.Namespace, folder: str, data_file: Path, out_dir: Path) -> dict:
     """Losses of the first batches at initialisation (LoRA B = 0: the base model) computed three ways.
 
-    fp32 throughout is the exact reference; fp32 weights under bf16 autocast is what the Trainer runs;
-    bf16 weights without autocast and lmadapt's attention is what lmadapt runs. The first gap is the
-    size of bf16 rounding effects, the yardstick for "the same loss curve".
+    "exact" is one precision above what the sides compute in (fp32 for a bf16 run, fp64 for an fp32
+    run); "hf" is what the Trainer runs (fp32 weights, under bf16 autocast in a bf16 run); "lmadapt" is
+    what lmadapt runs (bf16 weights without autocast in a bf16 run) with its own attention. The gap
+    between "hf" and "exact" is the size of rounding effects, the yardstick for "the same loss curve".
     """
     import contextlib
 
@@ -197,8 +219,10 @@ def worker_numerics(args: argparse.Namespace, folder: str, data_file: Path, out_
     batcher = Batcher(dataset, batch_size=args.batch_size, max_length=args.max_length, packing=False,
                       group_by_length=True, pad_id=tok.pad_token_id, seed=0)
     batches = [batcher.collate(batch) for batch in batcher.batches(0)[:4]]
-    ways = {"fp32": (torch.float32, False, False), "hf_autocast": (torch.float32, True, False),
-            "lmadapt": (torch.bfloat16, False, True)}
+    half = args.precision == "bf16"
+    exact = torch.float32 if half else torch.float64  # a rung above what both sides compute in
+    ours = torch.bfloat16 if half else torch.float32
+    ways = {"exact": (exact, False, False), "hf": (torch.float32, half, False), "lmadapt": (ours, False, True)}
     out = {}
     for name, (dtype, use_autocast, ours) in ways.items():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
@@ -280,7 +304,9 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--min-words", type=int, default=15, help="shortest article cut (about 32+ tokens with the prompt)")
     p.add_argument("--max-words", type=int, default=330, help="longest article cut (about 512 tokens)")
-    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="both sides' compute precision; auto: bf16 where this CPU runs bf16 matmuls faster "
+                        "than fp32 (each library's best configuration here), else fp32")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sides", default="both", choices=["both", "lmadapt", "hf"])
@@ -291,6 +317,9 @@ def main() -> None:
     args.passthrough = [a for a in sys.argv[1:] if not a.startswith("--worker") and not a.startswith("--workdir")]
     if args.examples % args.batch_size:
         p.error("--examples must be a multiple of --batch-size (every batch full on both sides)")
+    if args.precision == "auto" and not args.worker:
+        args.precision = best_precision(args.threads)
+        args.passthrough += ["--precision", args.precision]  # the workers run what was chosen here
 
     if args.worker:
         import torch
@@ -313,37 +342,42 @@ def main() -> None:
     lengths = [len(ids) for ids in dataset.input_ids]
     targets = sum(sum(1 for t in labels[1:] if t != -100) for labels in dataset.labels)
     flops = useful_flops(folder, lengths, targets)
-    peak = bf16_gemm_peak(args.threads)
+    peaks = {name: gemm_peak(name, args.threads) for name in ("fp32", "bf16")}
+    peak = peaks["bf16"]
     sides = {}
     for side in (["hf", "lmadapt"] if args.sides == "both" else [args.sides]):
         sides[side] = _run_worker(side, args, workdir)
         r = sides[side]
         r["useful_tokens_per_s"] = r["useful_tokens"] / r["seconds"]
         r["share_of_bf16_peak"] = flops / r["seconds"] / peak
+        r["share_of_fp32_peak"] = flops / r["seconds"] / peaks["fp32"]
 
     print(f"model {args.model}, {args.examples} examples ({sum(lengths)} tokens, {min(lengths)}-{max(lengths)} "
           f"per example), batch {args.batch_size}, {args.precision}, {args.threads} threads, LoRA r={LORA['r']} "
-          f"on all projections; bf16 GEMM peak {peak / 1e9:.0f} GFLOP/s; useful work {flops / 1e12:.2f} TFLOP")
+          f"on all projections; GEMM peak bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.1f} "
+          f"GFLOP/s; useful work {flops / 1e12:.2f} TFLOP")
     print(f"{'':24} {'useful tok/s':>12} {'seconds':>9} {'steps':>6} {'peak RSS MB':>12} {'% bf16 peak':>11} "
-          f"{'loss first→last':>16}")
+          f"{'% fp32 peak':>11} {'loss first→last':>16}")
     names = {"hf": "PEFT + Trainer", "lmadapt": "lmadapt"}
     for side, r in sides.items():
         print(f"{names[side]:24} {r['useful_tokens_per_s']:12.1f} {r['seconds']:9.1f} {r['steps']:6d} "
-              f"{r['peak_rss_mb']:12.0f} {100 * r['share_of_bf16_peak']:11.1f} "
+              f"{r['peak_rss_mb']:12.0f} {100 * r['share_of_bf16_peak']:11.1f} {100 * r['share_of_fp32_peak']:11.1f} "
               f"{r['losses'][0]:7.3f}→{r['losses'][-1]:.3f}")
     figures = {"model": args.model, "examples": args.examples, "useful_tokens": sum(lengths),
                "batch_size": args.batch_size, "precision": args.precision, "threads": args.threads,
-               "bf16_gemm_peak_gflops": round(peak / 1e9, 1), "useful_tflop": round(flops / 1e12, 3)}
+               "bf16_gemm_peak_gflops": round(peaks["bf16"] / 1e9, 1),
+               "fp32_gemm_peak_gflops": round(peaks["fp32"] / 1e9, 1), "useful_tflop": round(flops / 1e12, 3)}
     for side, r in sides.items():
         figures |= {f"{side}_useful_tokens_per_s": round(r["useful_tokens_per_s"], 1),
                     f"{side}_seconds": round(r["seconds"], 2), f"{side}_peak_rss_mb": round(r["peak_rss_mb"], 1),
                     f"{side}_share_of_bf16_peak": round(r["share_of_bf16_peak"], 4),
+                    f"{side}_share_of_fp32_peak": round(r["share_of_fp32_peak"], 4),
                     f"{side}_final_loss": r["losses"][-1]}
     if len(sides) == 2:
         numerics = _run_worker("numerics", args, workdir)
-        bf16_noise = statistics.fmean(abs(a - b) for a, b in zip(numerics["hf_autocast"], numerics["fp32"]))
-        ours_vs_hf = statistics.fmean(abs(a - b) for a, b in zip(numerics["lmadapt"], numerics["hf_autocast"]))
-        ours_vs_fp32 = statistics.fmean(abs(a - b) for a, b in zip(numerics["lmadapt"], numerics["fp32"]))
+        noise = statistics.fmean(abs(a - b) for a, b in zip(numerics["hf"], numerics["exact"]))
+        ours_vs_hf = statistics.fmean(abs(a - b) for a, b in zip(numerics["lmadapt"], numerics["hf"]))
+        ours_vs_exact = statistics.fmean(abs(a - b) for a, b in zip(numerics["lmadapt"], numerics["exact"]))
         hf, lm = sides["hf"], sides["lmadapt"]
         speedup = lm["useful_tokens_per_s"] / hf["useful_tokens_per_s"]
         rss_ratio = lm["peak_rss_mb"] / hf["peak_rss_mb"]
@@ -353,14 +387,15 @@ def main() -> None:
         print(f"loss curves over the first {curve['steps_compared']} steps: mean |diff| {curve['mean_abs_diff']:.4f} "
               f"({100 * curve['mean_rel_diff']:.2f}% of the mean loss), max |diff| {curve['max_abs_diff']:.4f}; "
               f"plot in {args.plot}")
-        print(f"bf16 rounding at initialisation (first {len(numerics['fp32'])} batches, mean |diff| of the loss): "
-              f"Trainer's autocast vs exact fp32 {bf16_noise:.4f}; lmadapt vs Trainer {ours_vs_hf:.4f}; "
-              f"lmadapt vs exact fp32 {ours_vs_fp32:.4f}")
+        exact = "fp32" if args.precision == "bf16" else "fp64"
+        print(f"rounding at initialisation (first {len(numerics['exact'])} batches, mean |diff| of the loss): "
+              f"Trainer vs exact {exact} {noise:.5f}; lmadapt vs Trainer {ours_vs_hf:.5f}; "
+              f"lmadapt vs exact {exact} {ours_vs_exact:.5f}")
         figures |= {"speedup_useful_tokens_per_s": round(speedup, 3), "peak_rss_ratio": round(rss_ratio, 3),
                     "loss_curve": {k: round(v, 5) if isinstance(v, float) else v for k, v in curve.items()},
-                    "init_loss_mean_abs_diff": {"hf_autocast_vs_fp32": round(bf16_noise, 5),
-                                                "lmadapt_vs_hf": round(ours_vs_hf, 5),
-                                                "lmadapt_vs_fp32": round(ours_vs_fp32, 5)},
+                    "init_loss_mean_abs_diff": {f"hf_vs_{exact}": round(noise, 6),
+                                                "lmadapt_vs_hf": round(ours_vs_hf, 6),
+                                                f"lmadapt_vs_{exact}": round(ours_vs_exact, 6)},
                     "hf_losses": hf["losses"][:COMPARE_STEPS], "lmadapt_losses": lm["losses"][:COMPARE_STEPS]}
     print(json.dumps(figures))
 
