@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from lmadapt import attention
 from lmadapt.attention import NAME, matmul_attention, training_attention
 from lmadapt.testing import tiny_llama
 
@@ -47,7 +48,9 @@ class _nothing:
 
 @pytest.mark.parametrize("batch_fn", [_padded_batch, _packed_batch], ids=["padded", "packed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_matches_sdpa_outputs_and_gradients(batch_fn, dtype: torch.dtype) -> None:
+def test_matches_sdpa_outputs_and_gradients(batch_fn, dtype: torch.dtype, monkeypatch) -> None:
+    # fp32 normally goes to sdpa; let it take the matmul path here so its math is checked at fp32 tolerance
+    monkeypatch.setattr(attention, "MATMUL_DTYPES", (torch.float32, torch.bfloat16))
     model = tiny_llama(seed=2).to(dtype)  # 4 query heads over 2 KV heads: grouped-query attention
     model.config._attn_implementation = "sdpa"
     model.train()
@@ -64,8 +67,19 @@ def test_matches_sdpa_outputs_and_gradients(batch_fn, dtype: torch.dtype) -> Non
     assert model.config._attn_implementation == "sdpa"  # restored
 
 
+def test_fp32_goes_to_sdpa_and_half_precision_to_matmuls(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(attention, "_sdpa", lambda *a, **k: calls.append(a[1].dtype) or (None, None))
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()[None, None]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        q = torch.randn(1, 2, 5, 4, dtype=dtype)
+        out, _ = matmul_attention(torch.nn.Module(), q, q, q, mask)
+        assert (out is None) == (dtype == torch.float32)
+    assert calls == [torch.float32]
+
+
 def test_a_row_with_nothing_to_attend_to_gives_no_nan() -> None:
-    q = torch.randn(1, 2, 3, 4)
+    q = torch.randn(1, 2, 3, 4, dtype=torch.bfloat16)
     mask = torch.tensor([[True, False, False], [False, False, False], [True, True, True]])[None, None]
     out, _ = matmul_attention(torch.nn.Module(), q, q, q, mask)
     assert torch.isfinite(out).all()

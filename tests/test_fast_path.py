@@ -15,7 +15,7 @@ from peft import get_peft_model
 
 from lmadapt.loop import autocast, needs_autocast
 from lmadapt.methods import build_method
-from lmadapt.objectives import causal_lm_loss
+from lmadapt.objectives import causal_inputs, causal_lm_loss
 from lmadapt.testing import tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -87,3 +87,13 @@ def test_fast_path_matches_peft_fp32_loss_and_gradients(mode: str) -> None:
         cosine = F.cosine_similarity(got.flatten(), ref.flatten(), dim=0).item()
         assert rel < (3e-2 if fast else 1e-4), (name, rel)
         assert cosine > (0.9995 if fast else 0.999999), (name, cosine)
+
+
+def test_only_a_right_padding_mask_is_dropped() -> None:
+    ids = torch.zeros(2, 4, dtype=torch.long)
+    right = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    left = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])
+    gap = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 0]])
+    assert "attention_mask" not in causal_inputs({"input_ids": ids, "attention_mask": right})
+    for kept in (left, gap):
+        assert causal_inputs({"input_ids": ids, "attention_mask": kept})["attention_mask"] is kept

@@ -2,19 +2,25 @@
 
     O = softmax(Q K^T / sqrt(d) + M) V        M: 0 where a query may attend, the dtype's minimum elsewhere
 
-On a CPU, torch's fused ("flash") attention kernel is slow in its backward pass: with SmolLM2 shapes
-(64-dim heads, 300-512 tokens) it reached about a tenth of this machine's bf16 matmul rate and took
-over a third of a LoRA step. Written as ``matmul -> softmax -> matmul``, each piece is a large bf16
-GEMM or a vectorised softmax, and autograd's backward is GEMMs too; fwd+bwd is 1.5-1.8x faster at
+On a CPU, torch's fused ("flash") attention kernel is slow in its backward pass in bf16: with SmolLM2
+shapes (64-dim heads, 300-512 tokens) it reached about a tenth of an AMX machine's bf16 matmul rate and
+took over a third of a LoRA step. Written as ``matmul -> softmax -> matmul``, each piece is a large bf16
+GEMM or a vectorised softmax, and autograd's backward is GEMMs too; fwd+bwd was 1.5-1.8x faster at
 those shapes (``benchmarks/train_throughput.py``). The price is memory: the probabilities P
-(batch x heads x L x L, in bf16) are kept for the backward pass of every layer.
+(batch x heads x L x L) are kept for the backward pass of every layer.
+
+In fp32 it is the other way round: the flash kernel's fp32 path is fast, and keeps only the output and
+a log-sum-exp per row. On an AVX2 machine, fwd+bwd of one SmolLM2 layer (batch 8, causal) took 70 ms at
+300 tokens and 170 ms at 490 with sdpa, against 118 and 471 ms as three matmuls, and the probabilities
+of 30 layers held 2.4 GB. So only bf16/fp16 activations (:data:`MATMUL_DTYPES`) take the matmul path;
+fp32 goes to sdpa.
 
 Grouped-query attention needs no copy of K and V: the query heads that share a KV head are stacked
 along the sequence axis, so one matmul serves the whole group.
 
 It is registered with transformers as attention implementation ``"lmadapt_cpu"`` (its masks are the
 sdpa ones) and used by the training loop on CPU only while a model trains (see :func:`training_attention`);
-anything it does not cover (a KV cache, dropout, soft-capping, sliding windows, attention sinks,
+anything it does not cover (fp32, a KV cache, dropout, soft-capping, sliding windows, attention sinks,
 a non-CPU device) goes to transformers' sdpa implementation unchanged.
 """
 
@@ -29,6 +35,7 @@ from torch import nn
 
 NAME = "lmadapt_cpu"
 _UNSUPPORTED = ("softcap", "sliding_window", "s_aux", "position_bias")
+MATMUL_DTYPES = (torch.bfloat16, torch.float16)  # activations' dtypes that take the matmul path
 
 
 def _sdpa(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -44,7 +51,8 @@ def matmul_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     (B or 1, 1, L, S) mask (True: attend) or None for plain causal; returns ((B, L, H, D), None)."""
     batch, heads, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
-    if (query.device.type != "cpu" or dropout or q_len != kv_len or heads % kv_heads
+    if (query.device.type != "cpu" or query.dtype not in MATMUL_DTYPES or dropout or q_len != kv_len
+            or heads % kv_heads
             or any(kwargs.get(k) is not None for k in _UNSUPPORTED)
             or (attention_mask is not None and attention_mask.dtype != torch.bool)):
         return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

@@ -27,7 +27,7 @@ from lmadapt.errors import LmadaptError
 from lmadapt.methods import Method, StepContext
 from lmadapt.attention import training_attention
 from lmadapt.hardware import choose_threads, resolve_precision, warn_if_slow
-from lmadapt.objectives import causal_lm_loss, model_inputs
+from lmadapt.objectives import causal_inputs, causal_lm_loss
 from lmadapt.reporting import MetricsLog
 from lmadapt.schedules import lr_factor
 from lmadapt.tree import adapters_disabled
@@ -273,7 +273,7 @@ class Trainer:
         positions = getattr(outputs, "logit_positions", None)
         extra = {} if positions is None else {"logits_to_keep": positions}
         with adapters_disabled(self.model):
-            return self.model(**model_inputs(batch), use_cache=False, **extra).logits
+            return self.model(**causal_inputs(batch), use_cache=False, **extra).logits
 
     @torch.no_grad()
     def validate(self) -> float | None:

@@ -21,6 +21,22 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
 
 
+def causal_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """:func:`model_inputs` for a causal LM, without an attention mask that only marks right padding.
+
+    Under a causal mask no real token attends to a later position, so with every row's padding at its
+    end the padding mask changes nothing a real token computes; the padding positions' own outputs
+    differ, but they carry no loss and so no gradient. Without the mask, transformers' sdpa attention
+    runs its plain causal kernel (13% faster fwd+bwd than with a mask at 490 tokens on CPU) and builds
+    no (B, 1, L, L) mask. A left-padded or gapped mask is kept.
+    """
+    inputs = model_inputs(batch)
+    mask = inputs.get("attention_mask")
+    if mask is not None and bool((mask[:, 1:] <= mask[:, :-1]).all()) and bool(mask[:, 0].all()):
+        del inputs["attention_mask"]
+    return inputs
+
+
 @functools.lru_cache(maxsize=64)
 def _takes_logits_to_keep(forward_type: type) -> bool:
     try:
@@ -57,11 +73,11 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tenso
     labels = batch["labels"]
     positions = target_positions(model, labels)
     if positions is None:
-        outputs = model(**model_inputs(batch), use_cache=False)
+        outputs = model(**causal_inputs(batch), use_cache=False)
         logits = outputs.logits[:, :-1, :]
         targets = labels[:, 1:].to(logits.device)
     else:
-        outputs = model(**model_inputs(batch), use_cache=False, logits_to_keep=positions)
+        outputs = model(**causal_inputs(batch), use_cache=False, logits_to_keep=positions)
         logits = outputs.logits
         targets = labels[:, positions + 1].to(logits.device)
     outputs.logit_positions = positions
@@ -143,9 +159,9 @@ class _DistillSums(torch.autograd.Function):
 def _logits_at(model: nn.Module, batch: dict[str, Any], positions: torch.Tensor) -> tuple[Any, torch.Tensor]:
     """(outputs, (B, P, V) logits at ``positions``), computed only there when the model allows it."""
     if _takes_logits_to_keep(type(model)):
-        outputs = model(**model_inputs(batch), use_cache=False, logits_to_keep=positions)
+        outputs = model(**causal_inputs(batch), use_cache=False, logits_to_keep=positions)
         return outputs, outputs.logits
-    outputs = model(**model_inputs(batch), use_cache=False)
+    outputs = model(**causal_inputs(batch), use_cache=False)
     return outputs, outputs.logits[:, positions]
 
 
