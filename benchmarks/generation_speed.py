@@ -5,7 +5,7 @@ or a fresh one with random B so it is not a no-op). Each measurement is ``model.
 with a fixed number of new tokens (EOS ignored) from a batch of real prompts; merged and unmerged
 runs alternate so machine noise hits both alike, and the medians are compared.
 
-    python benchmarks/generation_speed.py                        # bf16, batch 1 and 8, 64 new tokens
+    python benchmarks/generation_speed.py                        # auto dtype, batch 1 and 8, 64 new tokens
     python benchmarks/generation_speed.py --dtype fp32 --repeats 5
 
 The last line printed is one JSON object (keys include ``unmerged_over_merged_tokens_per_s_b1`` and
@@ -43,13 +43,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--adapter", default=None, help="an adapter folder (default: a fresh random LoRA r=16)")
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 where this CPU runs bf16 matmuls faster than fp32, else fp32")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.dtype == "auto":
+        from lmadapt.hardware import resolve_precision
+
+        args.dtype = resolve_precision("auto", torch.device("cpu"))
 
     from lmadapt.adapters import load_adapter
     from lmadapt.generation import encode_prompt, left_pad
