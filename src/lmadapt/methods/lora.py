@@ -101,30 +101,35 @@ class LoraLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         # Unmerged and on: add s B A dropout(x). Merged but switched off (adapters_disabled): take s B A x
         # back out, so the base model's outputs come back without unmerging.
-        h = self.dropout(x) if self.adapter_enabled else x
-        a, b = self._factors(x.dtype)
+        h = self.dropout(x) if self.adapter_enabled and self.training else x
+        a, bt = self._factors(x.dtype)
         out = F.linear(x, self.weight, self.bias)
-        # out + (h A^T) B_s^T as one GEMM with accumulate: no separate scale and add over the activations
+        # out + (h A^T) (s B)^T as one GEMM with accumulate: no separate scale and add over the activations
         low = F.linear(h, a).reshape(-1, a.shape[0])
-        return torch.addmm(out.reshape(-1, self.out_features), low, b.t()).view(out.shape)
+        if torch.is_grad_enabled():
+            return torch.addmm(out.reshape(-1, self.out_features), low, bt).view(out.shape)
+        out.view(-1, self.out_features).addmm_(low, bt)  # no autograd: accumulate into the fresh output
+        return out
 
     def _factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, s B) in the dtype the adapter runs in (-s B when the adapter is being taken out of a merge).
+        """(A, (s B)^T) in the dtype the adapter runs in (-s B when the adapter is being taken out of a merge).
 
         The factors are cast to the activations' dtype (an r x d copy), never the activations to the
         factors' fp32: under autocast that is bf16/fp16; without it, the model's own dtype. Outside
-        autograd (generation, evaluation) the cast factors are cached until the parameters change.
+        autograd (generation, evaluation) the cast factors are cached, (s B)^T contiguous, until the
+        parameters change: decoding one token is a few microseconds of work per layer, so what the
+        adapter costs there is mostly per-call overhead.
         """
         device_type = self.lora_A.device.type
         if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
         scale = self.scaling if self.adapter_enabled else -self.scaling
         if torch.is_grad_enabled():
-            return self.lora_A.to(dtype), (self.lora_B * scale).to(dtype)
+            return self.lora_A.to(dtype), (self.lora_B * scale).to(dtype).t()
         key = (self.lora_A._version, self.lora_B._version, dtype, scale)
         if self._cached is None or self._cached[0] != key:
             with torch.no_grad():
-                self._cached = (key, self.lora_A.to(dtype), (self.lora_B * scale).to(dtype))
+                self._cached = (key, self.lora_A.to(dtype), (self.lora_B * scale).to(dtype).t().contiguous())
         return self._cached[1], self._cached[2]
 
     def extra_repr(self) -> str:
