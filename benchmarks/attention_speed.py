@@ -55,13 +55,7 @@ def main() -> None:
             mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None].expand(args.batch, 1, -1, -1)
 
             def matmuls() -> None:
-                with_matmuls = (dtype, *attention.MATMUL_DTYPES)  # the math itself, whatever the dispatch
-                saved, attention.MATMUL_DTYPES = attention.MATMUL_DTYPES, with_matmuls
-                try:
-                    out, _ = attention.matmul_attention(torch.nn.Module(), q, k, v, mask)
-                finally:
-                    attention.MATMUL_DTYPES = saved
-                out.float().sum().backward()
+                attention.grouped_attention(q, k, v, mask, dim ** -0.5).float().sum().backward()
 
             def sdpa_masked() -> None:
                 rep = heads // kv_heads

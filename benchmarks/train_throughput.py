@@ -221,8 +221,8 @@ def worker_numerics(args: argparse.Namespace, folder: str, data_file: Path, out_
     batches = [batcher.collate(batch) for batch in batcher.batches(0)[:4]]
     half = args.precision == "bf16"
     exact = torch.float32 if half else torch.float64  # a rung above what both sides compute in
-    ours = torch.bfloat16 if half else torch.float32
-    ways = {"exact": (exact, False, False), "hf": (torch.float32, half, False), "lmadapt": (ours, False, True)}
+    ours_dtype = torch.bfloat16 if half else torch.float32
+    ways = {"exact": (exact, False, False), "hf": (torch.float32, half, False), "lmadapt": (ours_dtype, False, True)}
     out = {}
     for name, (dtype, use_autocast, ours) in ways.items():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")

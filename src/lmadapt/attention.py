@@ -57,14 +57,22 @@ def matmul_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
             or (attention_mask is not None and attention_mask.dtype != torch.bool)):
         return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                      is_causal=is_causal, **kwargs)
+    return grouped_attention(query, key, value, attention_mask, dim ** -0.5 if scaling is None else scaling), None
+
+
+def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The matmul path itself, whatever the dtype: shapes as :func:`matmul_attention` (L == S, H a multiple
+    of Hkv, a boolean mask or None for causal); returns (B, L, H, D)."""
+    batch, heads, q_len, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
     group = heads // kv_heads
-    scale = dim ** -0.5 if scaling is None else scaling
     q = (query * scale).reshape(batch, kv_heads, group * q_len, dim)  # heads h = g * group + j share KV head g
     scores = torch.matmul(q, key.transpose(-1, -2)).view(batch, kv_heads, group, q_len, kv_len)
     scores.add_(_mask_bias(attention_mask, q_len, query.dtype, query.device).unsqueeze(2))
     probs = torch.softmax(scores, dim=-1).view(batch, kv_heads, group * q_len, kv_len)
     out = torch.matmul(probs, value).view(batch, heads, q_len, dim)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
 
 
 def _mask_bias(mask: torch.Tensor | None, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
