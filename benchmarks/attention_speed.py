@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lmadapt import attention
+from lmadapt.training import attention
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

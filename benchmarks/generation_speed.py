@@ -25,7 +25,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def _prompts(n: int) -> list[str]:
-    from lmadapt.demo_data import bbc_news
+    from lmadapt.recipes.demo_data import bbc_news
 
     _, test_rows, _ = bbc_news(seed=0)
     return [r["prompt"][:600] for r in test_rows[:n]]
@@ -56,10 +56,10 @@ def main() -> None:
 
         args.dtype = resolve_precision("auto", torch.device("cpu"))
 
-    from lmadapt.adapters import load_adapter
-    from lmadapt.generation import encode_prompt, left_pad
+    from lmadapt.adapters.format import load_adapter
+    from lmadapt.decoding.generation import encode_prompt, left_pad
     from lmadapt.methods import build_method
-    from lmadapt.models import ModelConfig, load_model
+    from lmadapt.models.loading import ModelConfig, load_model
 
     model, tok = load_model(ModelConfig(args.model, dtype=args.dtype))
     if args.adapter:

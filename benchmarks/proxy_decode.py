@@ -54,7 +54,7 @@ def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module, P
     """(large, small-with-adapter, tokenizer, description of the expert)."""
     from lmadapt.api import load
     from lmadapt.methods import build_method
-    from lmadapt.models import ModelConfig
+    from lmadapt.models.loading import ModelConfig
 
     large, tok, _ = load(ModelConfig(args.large, dtype=args.dtype, device="cpu"))
     if args.small is not None:
@@ -81,8 +81,8 @@ def _runs(large: torch.nn.Module, small: torch.nn.Module, tok: PreTrainedTokeniz
           new_tokens: int) -> dict[str, Callable[[], object]]:
     from transformers import GenerationConfig
 
-    from lmadapt.generation import encode_prompt, left_pad
-    from lmadapt.steering import ModelTerm, proxy_terms, steer_ids
+    from lmadapt.decoding.generation import encode_prompt, left_pad
+    from lmadapt.decoding.steering import ModelTerm, proxy_terms, steer_ids
 
     rows = [encode_prompt(tok, PROMPTS[i % len(PROMPTS)]) for i in range(batch)]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -30,8 +30,8 @@ import torch
 
 
 def _examples(n: int) -> tuple[list[dict], list[str]]:
-    from lmadapt.demo import SPLIT_TEST
-    from lmadapt.demo_data import bbc_news
+    from lmadapt.recipes.demo import SPLIT_TEST
+    from lmadapt.recipes.demo_data import bbc_news
 
     _, test_rows, labels = bbc_news(seed=0, n_test=SPLIT_TEST)
     return [{"prompt": r["prompt"], "label": r["label"]} for r in test_rows[:n]], labels
@@ -61,11 +61,15 @@ def main() -> None:
     from tqdm.auto import tqdm
 
     from lmadapt.api import load
-    from lmadapt.evaluation import _candidate_ids
-    from lmadapt.generation import encode_prompt
+    from lmadapt.decoding.generation import encode_prompt
+    from lmadapt.decoding.steering import (
+        ModelTerm,
+        combine_continuation_logprobs,
+        continuation_logprobs,
+    )
+    from lmadapt.evaluation.examples import candidate_ids
     from lmadapt.hardware import choose_threads, resolve_precision
-    from lmadapt.steering import (ModelTerm, check_vocabularies, combine_continuation_logprobs,
-                                  common_vocab_size, continuation_logprobs)
+    from lmadapt.models.vocab import check_vocabularies, common_vocab_size
 
     torch.set_num_threads(choose_threads(args.threads))
     args.dtype = resolve_precision(args.dtype, torch.device("cpu"))
@@ -78,7 +82,7 @@ def main() -> None:
     terms = [ModelTerm(large, adapters_off=True), ModelTerm(small, expert_prompt=True),
              ModelTerm(small, adapters_off=True), ModelTerm(large)]
     vocab = common_vocab_size(tok, [large, small])
-    label_ids = _candidate_ids(tok, labels, "labels")
+    label_ids = candidate_ids(tok, labels, "labels")
     settings = _settings([float(b) for b in args.betas.split(",")])
     correct = dict.fromkeys(settings, 0)
     start = time.perf_counter()

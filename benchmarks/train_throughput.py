@@ -51,7 +51,7 @@ COMPARE_STEPS = 50  # the loss curves are compared over the first this many step
 def _rows(n: int, seed: int, min_words: int, max_words: int) -> list[dict]:
     import random
 
-    from lmadapt.demo_data import bbc_news, make_row
+    from lmadapt.recipes.demo_data import bbc_news, make_row
 
     train_rows, test_rows, _ = bbc_news(seed=seed)
     pool = train_rows + test_rows  # a benchmark, not an evaluation: every article may be used
@@ -69,7 +69,7 @@ def _model_folder(name: str, workdir: Path) -> str:
             tiny_llama().save_pretrained(folder)
             tiny_tokenizer().save_pretrained(folder)
         return str(folder)
-    from lmadapt.models import resolve_model_path
+    from lmadapt.models.builtins import resolve_model_path
 
     return str(resolve_model_path(name))
 
@@ -83,8 +83,8 @@ def _dataset_and_plan(args: argparse.Namespace, folder: str, data_file: Path):  
     """The tokenized examples and lmadapt's batch plan for epoch 0, exactly as ``lmadapt.train`` builds them."""
     from lmadapt.config import from_dict
     from lmadapt.data import DataConfig, load_splits
-    from lmadapt.models import load_tokenizer
-    from lmadapt.train import load_run_config, _batcher
+    from lmadapt.models.loading import load_tokenizer
+    from lmadapt.training.run import _batcher, load_run_config
 
     tok = load_tokenizer(folder)
     dataset, _, _ = load_splits(from_dict(DataConfig, _data_config(args, data_file)), tok)
@@ -94,7 +94,7 @@ def _dataset_and_plan(args: argparse.Namespace, folder: str, data_file: Path):  
 
 
 def worker_lmadapt(args: argparse.Namespace, folder: str, data_file: Path, out_dir: Path) -> dict:
-    from lmadapt.train import train
+    from lmadapt.training.run import train
 
     init = out_dir.parent / "init-adapter"
     cfg = {"model": {"name_or_path": folder},  # dtype auto: bf16 storage for bf16 training of a frozen base
@@ -114,7 +114,12 @@ def worker_hf(args: argparse.Namespace, folder: str, data_file: Path, out_dir: P
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+    )
 
     tok, dataset, plan = _dataset_and_plan(args, folder, data_file)
     order = [i for batch in plan for i in batch]
@@ -190,9 +195,9 @@ def gemm_peak(dtype_name: str, threads: int, repeats: int = 7, budget_s: float =
 
 def best_precision(threads: int) -> str:
     """The precision a user of either library should pick here: bf16 where its matmuls beat fp32."""
-    from lmadapt.hardware import resolve_precision
-
     import torch
+
+    from lmadapt.hardware import resolve_precision
 
     torch.set_num_threads(threads)
     return resolve_precision("auto", torch.device("cpu"))
@@ -211,9 +216,9 @@ def worker_numerics(args: argparse.Namespace, folder: str, data_file: Path, out_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lmadapt.attention import training_attention
     from lmadapt.data import Batcher
-    from lmadapt.objectives import causal_lm_loss
+    from lmadapt.objectives.causal_lm import causal_lm_loss
+    from lmadapt.training.attention import training_attention
 
     tok, dataset, plan = _dataset_and_plan(args, folder, data_file)
     batcher = Batcher(dataset, batch_size=args.batch_size, max_length=args.max_length, packing=False,

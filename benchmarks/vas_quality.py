@@ -47,11 +47,13 @@ def main() -> None:
     args = p.parse_args()
 
     from lmadapt.api import load
-    from lmadapt.generation import generate
+    from lmadapt.decoding.generation import generate
+    from lmadapt.decoding.steering import steered_generate
+    from lmadapt.decoding.value_model import load_value_model
     from lmadapt.hardware import choose_threads, resolve_precision
+    from lmadapt.models.vocab import check_vocabularies
+    from lmadapt.recipes.vas_samples import read_prompts
     from lmadapt.rewards import load_reward
-    from lmadapt.steering import check_vocabularies, steered_generate
-    from lmadapt.vas import load_value_model, read_prompts
 
     torch.set_num_threads(choose_threads(args.threads))
     args.dtype = resolve_precision(args.dtype, torch.device("cpu"))

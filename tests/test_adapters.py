@@ -13,20 +13,20 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from torch import nn
 
-import lmadapt.adapters as adapters
-from lmadapt.adapters import (
-    write_record,
+import lmadapt.adapters.format as adapters
+from lmadapt.adapters.format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     adapter_metadata,
     load_adapter,
     read_adapter_info,
     save_adapter,
+    write_record,
 )
 from lmadapt.errors import AdapterError, LmadaptError
 from lmadapt.methods import Method, build_method
 from lmadapt.methods.lora import LoraLinear
-from lmadapt.models import fingerprint
+from lmadapt.models.fingerprint import fingerprint
 from lmadapt.testing import tiny_llama
 
 ATOL = 1e-5  # fp32

@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
-from lmadapt import attention
-from lmadapt.attention import NAME, matmul_attention, training_attention
+from lmadapt.training import attention
 from lmadapt.testing import tiny_llama
+from lmadapt.training.attention import NAME, matmul_attention, training_attention
 
 
 def _padded_batch() -> dict[str, torch.Tensor]:

@@ -4,8 +4,8 @@ import pytest
 
 from lmadapt.config import parse_overrides
 from lmadapt.errors import ConfigError
-from lmadapt.schedules import lr_factor
-from lmadapt.train import load_run_config
+from lmadapt.training.run import load_run_config
+from lmadapt.training.schedules import lr_factor
 
 
 def test_unknown_keys_get_did_you_mean_and_all_errors_are_reported_together(run_config):

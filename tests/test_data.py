@@ -8,14 +8,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import make_rows, write_jsonl
 
 from lmadapt.config import from_dict
-from lmadapt.data import (IGNORE, Batcher, DataConfig, TokenizedDataset, load_dataset, load_splits,
-                          pack_rows, read_records, render_chat)
+from lmadapt.data import (
+    IGNORE,
+    Batcher,
+    DataConfig,
+    TokenizedDataset,
+    load_dataset,
+    load_splits,
+    pack_rows,
+    read_records,
+    render_chat,
+)
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.testing import tiny_llama, tiny_tokenizer
-
-from conftest import make_rows, write_jsonl
 
 
 def _cfg(files, **kw) -> DataConfig:

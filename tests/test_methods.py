@@ -17,12 +17,18 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from lmadapt.adapters import load_adapter, save_adapter
+from lmadapt.adapters.format import load_adapter, save_adapter
 from lmadapt.errors import LmadaptError
-from lmadapt.methods import Method, ParamGroup, available_methods, build_method, method_class
+from lmadapt.methods import (
+    Method,
+    ParamGroup,
+    available_methods,
+    build_method,
+    method_class,
+)
 from lmadapt.methods.lora import PEFT_PREFIX, LoraConfig, LoraLinear
+from lmadapt.models.tree import adapters_disabled
 from lmadapt.testing import tiny_llama
-from lmadapt.tree import adapters_disabled
 
 ATOL = 1e-5  # fp32 logits after a few matmuls
 EXACT = 1e-6
@@ -95,7 +101,7 @@ def trained(name: str) -> tuple[nn.Module, Method]:
 
 
 def base_fingerprint() -> str:
-    from lmadapt.models import fingerprint
+    from lmadapt.models.fingerprint import fingerprint
 
     return fingerprint(tiny_llama())
 

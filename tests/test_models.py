@@ -10,11 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmadapt import models
+from lmadapt.models import builtins as models
+from lmadapt.models import loading as models_loading
 from lmadapt.config import from_dict, option
 from lmadapt.errors import ConfigError, ModelError
-from lmadapt.models import (BUILTINS, Builtin, ModelConfig, fingerprint, load_model, load_tokenizer,
-                            model_display_name, model_source, resolve_device, resolve_dtype)
+from lmadapt.models.builtins import BUILTINS, Builtin
+from lmadapt.models.fingerprint import fingerprint
+from lmadapt.models.loading import (
+    ModelConfig,
+    load_model,
+    load_tokenizer,
+    model_display_name,
+    model_source,
+    resolve_device,
+    resolve_dtype,
+)
 from lmadapt.testing import tiny_llama, tiny_tokenizer
 
 
@@ -84,9 +94,9 @@ def test_trust_remote_code_false_and_local_only_by_default(tiny_model_dir, monke
             return real(*args, **kwargs)
         return from_pretrained
 
-    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained",
-                        spy(models.AutoModelForCausalLM.from_pretrained))
-    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", spy(models.AutoTokenizer.from_pretrained))
+    monkeypatch.setattr(models_loading.AutoModelForCausalLM, "from_pretrained",
+                        spy(models_loading.AutoModelForCausalLM.from_pretrained))
+    monkeypatch.setattr(models_loading.AutoTokenizer, "from_pretrained", spy(models_loading.AutoTokenizer.from_pretrained))
     load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"))
     assert len(calls) == 2
     assert all(c["trust_remote_code"] is False and c["local_files_only"] is True for c in calls)

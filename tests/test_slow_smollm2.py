@@ -18,8 +18,8 @@ PINNED = [4.1001, 2.8413, 0.6959, 1.5984, 1.3502, 0.9394]
 
 @pytest.fixture(scope="module")
 def bbc_run(tmp_path_factory):
-    from lmadapt.demo_data import bbc_news
-    from lmadapt.train import train
+    from lmadapt.recipes.demo_data import bbc_news
+    from lmadapt.training.run import train
 
     tmp = tmp_path_factory.mktemp("smol")
     train_rows, _, _ = bbc_news(seed=0)
@@ -58,7 +58,7 @@ def test_peft_loads_the_real_adapter_with_equal_logits(bbc_run):
     from transformers import AutoModelForCausalLM
 
     from lmadapt.api import load
-    from lmadapt.models import resolve_model_path
+    from lmadapt.models.builtins import resolve_model_path
 
     model, tok, _ = load("smollm2-135m-instruct", adapter=bbc_run.adapter_dir)
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2-135m-instruct"))

@@ -19,17 +19,26 @@ from tokenizers import Tokenizer
 from torch import nn
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from lmadapt.adapters import save_adapter
+from lmadapt.adapters.format import save_adapter
 from lmadapt.cli import main
+from lmadapt.decoding.generation import encode_prompt, generate, seeded, stop_token_ids
+from lmadapt.decoding.steering import (
+    ModelTerm,
+    ValueTerm,
+    proxy_logprobs,
+    proxy_score_continuations,
+    proxy_terms,
+    sample_next,
+    steer_ids,
+    steered_generate,
+)
+from lmadapt.decoding.value_model import ValueModel, save_value_model
 from lmadapt.errors import LmadaptError
-from lmadapt.generation import _seeded, encode_prompt, generate, stop_token_ids
 from lmadapt.methods import build_method
-from lmadapt.models import fingerprint
-from lmadapt.steering import (ModelTerm, ValueTerm, check_vocabularies, proxy_logprobs, proxy_score_continuations,
-                              proxy_terms, sample_next, steer_ids, steered_generate)
+from lmadapt.models.fingerprint import fingerprint
+from lmadapt.models.tree import adapters_disabled
+from lmadapt.models.vocab import check_vocabularies
 from lmadapt.testing import SPECIAL_TOKENS, tiny_llama, tiny_tokenizer
-from lmadapt.tree import adapters_disabled
-from lmadapt.vas import ValueModel, save_value_model
 
 ATOL = 1e-5  # fp32 log-probabilities after a few matmuls
 V = 260  # the tiny tokenizer's size
@@ -165,8 +174,11 @@ def test_scorer_agrees_with_the_decoders_per_step_scores(trio, tok):
 def test_one_pass_of_term_logprobs_gives_every_models_own_scores_and_any_beta(trio, tok):
     """The per-term log-probabilities, weighted, reproduce each model's own continuation scores
     (lmadapt.evaluation.score_continuations) and the proxy scores at every beta without another forward."""
-    from lmadapt.evaluation import score_continuations
-    from lmadapt.steering import combine_continuation_logprobs, continuation_logprobs
+    from lmadapt.decoding.scoring import score_continuations
+    from lmadapt.decoding.steering import (
+        combine_continuation_logprobs,
+        continuation_logprobs,
+    )
 
     base, expert, anti = trio
     terms = proxy_terms(base, expert=expert, anti_expert=anti, beta=1.0)
@@ -367,7 +379,7 @@ def test_sampled_tokens_respect_top_k_and_top_p(trio, tok):
     base, expert, anti = trio
     terms = proxy_terms(base, expert=expert, anti_expert=anti)
     ids = ids_of(tok, PROMPTS)
-    with _seeded(0, torch.device("cpu")):
+    with seeded(0, torch.device("cpu")):
         k = steer_ids(terms, ids, max_new_tokens=12, temperature=1.5, top_k=3, trace=True)
         p = steer_ids(terms, ids, max_new_tokens=12, temperature=0.7, top_p=0.5, trace=True)
     for t, scores in enumerate(k.scores):

@@ -11,14 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import write_jsonl
 from safetensors.torch import load_file
 
-from lmadapt.adapters import load_adapter
+from lmadapt.adapters.format import load_adapter
 from lmadapt.errors import DataError, LmadaptError
-from lmadapt.loop import NonFiniteLoss, Trainer
-from lmadapt.train import train
-
-from conftest import write_jsonl
+from lmadapt.training.loop import NonFiniteLoss, Trainer
+from lmadapt.training.run import train
 
 
 def test_training_lowers_loss_and_writes_the_run_folder(run_config):
@@ -62,7 +61,7 @@ def test_bad_data_stops_before_anything_is_written(run_config, tmp_path):
 
 
 def _nan_at(step_to_fail):
-    from lmadapt.objectives import causal_lm_loss
+    from lmadapt.objectives.causal_lm import causal_lm_loss
 
     calls = {"n": 0}
 
@@ -78,8 +77,8 @@ def _nan_at(step_to_fail):
 def _trainer(run_config, tmp_path, loss_fn, **train_overrides):
     from lmadapt.data import load_splits
     from lmadapt.methods import build_method
-    from lmadapt.models import load_model
-    from lmadapt.train import _batcher, load_run_config
+    from lmadapt.models.loading import load_model
+    from lmadapt.training.run import _batcher, load_run_config
 
     run_config["train"].update(train_overrides)
     cfg = load_run_config(run_config)
@@ -224,7 +223,7 @@ def test_loss_on_target_positions_only_equals_the_full_loss(model, tokenizer):
     import torch.nn.functional as F
 
     from lmadapt.methods import build_method
-    from lmadapt.objectives import causal_lm_loss, target_positions
+    from lmadapt.objectives.causal_lm import causal_lm_loss, target_positions
 
     method = build_method({"name": "lora", "r": 4, "init": "random", "target_modules": ["all-linear"]})
     method.apply(model)

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from lmadapt.errors import LmadaptError
-from lmadapt.testing import tiny_llama
-from lmadapt.tree import (
+from lmadapt.models.tree import (
     adapters_disabled,
     count_parameters,
     find_modules,
@@ -16,6 +15,7 @@ from lmadapt.tree import (
     name_matches,
     replace_module,
 )
+from lmadapt.testing import tiny_llama
 
 
 class _Attn(nn.Module):
@@ -222,7 +222,7 @@ def test_all_linear_agrees_with_peft() -> None:
 
 
 def test_a_frozen_output_head_gets_contiguous_inputs_with_the_same_logits():
-    from lmadapt.tree import freeze_all
+    from lmadapt.models.tree import freeze_all
 
     model = tiny_llama()
     ids = torch.tensor([[5, 6, 7, 8, 9], [1, 2, 3, 4, 5]])

@@ -10,18 +10,29 @@ import torch
 import yaml
 
 from lmadapt.cli import build_parser
+from lmadapt.decoding.generation import encode_prompt, left_pad, stop_token_ids
+from lmadapt.decoding.value_model import ValueModel, load_value_model, save_value_model
 from lmadapt.errors import DataError, LmadaptError
-from lmadapt.generation import encode_prompt, left_pad, stop_token_ids
-from lmadapt.loop import TrainConfig, build_optimizer
 from lmadapt.methods.lora import LoraLinear
+from lmadapt.models.vocab import check_same_tokenizer
+from lmadapt.objectives.value import td_lambda_returns, terminal_rewards, value_loss
+from lmadapt.recipes.vas_samples import (
+    Sample,
+    collect_samples,
+    read_prompts,
+    reward_targets,
+)
+from lmadapt.recipes.vas_train import (
+    _RewardBatcher,
+    fit_value_model,
+    train_value_model,
+    value_method,
+    value_reward_correlation,
+)
+from lmadapt.rewards import Reward, load_reward
 from lmadapt.testing import tiny_llama, tiny_tokenizer
-from lmadapt.rewards import Reward
-from lmadapt.vas import (Sample, ValueModel, check_same_tokenizer, collect_samples,
-                         fit_value_model, load_reward, load_value_model, read_prompts, reward_targets,
-                         save_value_model, td_lambda_returns, terminal_rewards, train_value_model,
-                         value_loss, value_method, value_reward_correlation)
-from lmadapt.vas import _RewardBatcher
-
+from lmadapt.training.config import TrainConfig
+from lmadapt.training.optim import build_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

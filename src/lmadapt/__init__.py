@@ -2,28 +2,33 @@
 
 The public API (see :mod:`lmadapt.api`): ``train``, ``load``, ``merge``, ``inspect``, ``evaluate``,
 ``generate``, and decoding-time steering ``steered_generate`` / ``proxy_logprobs`` (see
-:mod:`lmadapt.steering`). Imports are lazy so that ``import lmadapt`` stays cheap.
+:mod:`lmadapt.decoding.steering`). Imports are lazy so that ``import lmadapt`` stays cheap.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# Nothing is ever fetched from the Hugging Face Hub: every transformers call passes local_files_only=True,
+# and this is set (unless the user set it) before any lmadapt module imports transformers.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "train": "lmadapt.train",
-    "load_run_config": "lmadapt.train",
-    "RunConfig": "lmadapt.train",
+    "train": "lmadapt.training.run",
+    "load_run_config": "lmadapt.training.run",
+    "RunConfig": "lmadapt.training.run",
     "load": "lmadapt.api",
     "merge": "lmadapt.api",
     "inspect": "lmadapt.api",
-    "evaluate": "lmadapt.evaluation",
-    "generate": "lmadapt.generation",
-    "steered_generate": "lmadapt.steering",
-    "proxy_logprobs": "lmadapt.steering",
-    "load_adapter": "lmadapt.adapters",
-    "save_adapter": "lmadapt.adapters",
+    "evaluate": "lmadapt.evaluation.run",
+    "generate": "lmadapt.decoding.generation",
+    "steered_generate": "lmadapt.decoding.steering",
+    "proxy_logprobs": "lmadapt.decoding.steering",
+    "load_adapter": "lmadapt.adapters.format",
+    "save_adapter": "lmadapt.adapters.format",
 }
 
 __all__ = ["__version__", *_EXPORTS]

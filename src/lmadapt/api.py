@@ -1,6 +1,6 @@
 """The public Python API: ``train``, ``load``, ``merge``, ``inspect``, ``evaluate``, ``generate``.
 
-Each CLI command is one call to these functions (or to ``lmadapt.train``/``evaluation``/``generation``,
+Each CLI command is one call to these functions (or to the run, evaluation and generation functions
 which they re-export); a notebook calls them the same way.
 
     import lmadapt
@@ -18,11 +18,18 @@ from typing import Any
 
 from safetensors import safe_open
 
-from lmadapt.adapters import CONFIG_NAME, WEIGHTS_NAME, adapter_metadata, load_adapter, read_adapter_info
+from lmadapt.adapters.format import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    adapter_metadata,
+    load_adapter,
+    read_adapter_info,
+)
 from lmadapt.errors import LmadaptError
 from lmadapt.fsutil import atomic_dir
 from lmadapt.methods import Method
-from lmadapt.models import ModelConfig, fingerprint, load_model, model_display_name
+from lmadapt.models.fingerprint import fingerprint
+from lmadapt.models.loading import ModelConfig, load_model, model_display_name
 
 
 def _model_config(model: str | ModelConfig, **overrides: Any) -> ModelConfig:

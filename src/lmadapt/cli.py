@@ -12,7 +12,7 @@ from lmadapt.errors import LmadaptError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from lmadapt.train import train
+    from lmadapt.training.run import train
 
     overrides = list(args.overrides)
     if args.overwrite:
@@ -24,7 +24,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_help_config(args: argparse.Namespace) -> int:
     from lmadapt.config import describe
     from lmadapt.methods import available_methods, method_class
-    from lmadapt.train import RunConfig
+    from lmadapt.training.run import RunConfig
 
     rows = describe(RunConfig)
     for name in available_methods():
@@ -36,7 +36,7 @@ def _cmd_help_config(args: argparse.Namespace) -> int:
 
 def _eval_config(args: argparse.Namespace):
     from lmadapt.config import from_dict
-    from lmadapt.evaluation import EvalConfig
+    from lmadapt.evaluation.config import EvalConfig
 
     spec = {"task": args.task, "data": args.data, "chat": args.chat}
     if args.labels:
@@ -48,7 +48,8 @@ def _eval_config(args: argparse.Namespace):
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from lmadapt.api import load
-    from lmadapt.evaluation import compare_table, evaluate
+    from lmadapt.evaluation.report import compare_table
+    from lmadapt.evaluation.run import evaluate
 
     cfg = _eval_config(args)
     if args.compare and not args.adapter:
@@ -56,7 +57,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model, tok, method = load(args.model, args.adapter, dtype=args.dtype, force=args.force)
     after = evaluate(model, tok, cfg)
     if method is not None and args.compare:
-        from lmadapt.tree import adapters_disabled
+        from lmadapt.models.tree import adapters_disabled
 
         with adapters_disabled(model):
             before = evaluate(model, tok, cfg)
@@ -68,7 +69,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from lmadapt.api import load
-    from lmadapt.generation import generate
+    from lmadapt.decoding.generation import generate
 
     problems = _steering_flag_problems(args)
     if problems:
@@ -83,7 +84,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                   top_p=args.top_p, chat=args.chat, stream=stream, seed=args.seed)
     steering = _steering(args, tok)
     if steering:
-        from lmadapt.steering import steered_generate
+        from lmadapt.decoding.steering import steered_generate
 
         outputs = steered_generate(model, tok, prompts, **steering, **common)
     else:
@@ -133,7 +134,7 @@ def _steering(args: argparse.Namespace, tok: Any) -> dict[str, Any]:
                                      force=args.force)
         out.update(expert=expert, expert_tokenizer=expert_tok)
     elif args.proxy_expert:
-        from lmadapt.steering import check_vocabularies
+        from lmadapt.models.vocab import check_vocabularies
 
         expert, expert_tok, _ = load(args.proxy_expert, dtype=args.dtype)
         anti, anti_tok, _ = load(args.proxy_anti_expert, dtype=args.dtype)
@@ -143,8 +144,8 @@ def _steering(args: argparse.Namespace, tok: Any) -> dict[str, Any]:
         out["beta"] = 1.0 if args.proxy_beta is None else args.proxy_beta
         out["expert_chat"] = True if args.expert_chat else None
     if args.value_model:
-        from lmadapt.steering import check_vocabularies
-        from lmadapt.vas import load_value_model
+        from lmadapt.decoding.value_model import load_value_model
+        from lmadapt.models.vocab import check_vocabularies
 
         betas = args.value_beta or [1.0] * len(args.value_model)
         out["values"] = []
@@ -158,7 +159,7 @@ def _steering(args: argparse.Namespace, tok: Any) -> dict[str, Any]:
 
 
 def _cmd_vas_train(args: argparse.Namespace) -> int:
-    from lmadapt.vas import load_vas_config, train_value_model
+    from lmadapt.recipes.vas_train import load_vas_config, train_value_model
 
     overrides = list(args.overrides) + (["overwrite=true"] if args.overwrite else [])
     out = train_value_model(load_vas_config(args.config, overrides), progress=not args.no_progress)
@@ -168,7 +169,7 @@ def _cmd_vas_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_helper(args: argparse.Namespace) -> int:
-    from lmadapt.helper_model import load_helper_config, make_helper
+    from lmadapt.recipes.helper_model import load_helper_config, make_helper
 
     overrides = list(args.overrides) + (["overwrite=true"] if args.overwrite else [])
     path = make_helper(load_helper_config(args.config, overrides), progress=not args.no_progress, resume=args.resume)
@@ -193,7 +194,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from lmadapt.demo import run_demo
+    from lmadapt.recipes.demo import run_demo
 
     run_demo(output_dir=args.output, overwrite=args.overwrite, quick=args.quick)
     return 0

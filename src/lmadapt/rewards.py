@@ -1,7 +1,7 @@
 """Rewards given by import path: ``package.module:function`` or ``path/to/file.py:function``.
 
 A reward scores completions: ``reward(prompts: list[str], completions: list[str]) -> list[float]``,
-one finite float per pair. VAS value models are trained on them (:mod:`lmadapt.vas`); classifiers
+one finite float per pair. VAS value models are trained on them (:mod:`lmadapt.recipes.vas_train`); classifiers
 trained with lmadapt will plug in the same way.
 """
 

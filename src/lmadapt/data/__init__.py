@@ -15,11 +15,29 @@ Modules: ``config`` (the ``data:`` section), ``readers`` (files -> :class:`Recor
 
 from lmadapt.data.batching import Batch, Batcher, Row, length_grouped, pack_rows
 from lmadapt.data.config import DataConfig
-from lmadapt.data.dataset import DataReport, TokenizedDataset, fit_length, load_dataset, load_splits
-from lmadapt.data.formats import (INSTRUCTION_INPUT_PROMPT, INSTRUCTION_PROMPT, ROLES, Example, build_examples,
-                                  detect_format)
+from lmadapt.data.dataset import (
+                                  DataReport,
+                                  TokenizedDataset,
+                                  fit_length,
+                                  load_dataset,
+                                  load_splits,
+)
+from lmadapt.data.formats import (
+                                  INSTRUCTION_INPUT_PROMPT,
+                                  INSTRUCTION_PROMPT,
+                                  ROLES,
+                                  Example,
+                                  build_examples,
+                                  detect_format,
+)
 from lmadapt.data.readers import Record, expand_patterns, read_files, read_records
-from lmadapt.data.tokens import FALLBACK_CHAT_TEMPLATE, IGNORE, render_chat, special_prefix, tokenize_example
+from lmadapt.data.tokens import (
+                                  FALLBACK_CHAT_TEMPLATE,
+                                  IGNORE,
+                                  render_chat,
+                                  special_prefix,
+                                  tokenize_example,
+)
 
 __all__ = [
     "Batch", "Batcher", "DataConfig", "DataReport", "Example", "FALLBACK_CHAT_TEMPLATE", "IGNORE",

@@ -19,7 +19,13 @@ from typing import Any, Literal
 from lmadapt.data.config import DataConfig
 from lmadapt.data.formats import Example, build_examples, detect_format
 from lmadapt.data.readers import ReadResult, read_files
-from lmadapt.data.tokens import IGNORE, RowProblem, mask_first, special_prefix, tokenize_example
+from lmadapt.data.tokens import (
+    IGNORE,
+    RowProblem,
+    mask_first,
+    special_prefix,
+    tokenize_example,
+)
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 
 KEPT_PROBLEMS = 20

@@ -1,10 +1,8 @@
 """Methods register themselves by name on import; importing this package makes all of them available."""
 
 from lmadapt.methods import freeze, full, lora  # noqa: F401  (registration)
-from lmadapt.methods.base import (
-    Method,
-    ParamGroup,
-    StepContext,
+from lmadapt.methods.base import Method, ParamGroup, StepContext
+from lmadapt.methods.registry import (
     available_methods,
     build_method,
     config_with_method,

@@ -6,7 +6,7 @@ in this order (see ``docs/methods.md`` for how each planned method maps onto the
 
     method = build_method({"name": "lora", "r": 16})
     method.calibrate(model, batches)          # only if method.calibration_batches > 0 (PiSSA/CorDA inits)
-    method.apply(model)                       # swap/add modules through lmadapt.tree, set requires_grad
+    method.apply(model)                       # swap/add modules through lmadapt.models.tree, set requires_grad
     groups = method.parameter_groups(model)   # which parameters train, in which optimizer group
     for each step:
         loss = objective(model, batch) [+ method.extra_loss(ctx)]    # ctx.base_logits() = adapters off
@@ -17,15 +17,12 @@ in this order (see ``docs/methods.md`` for how each planned method maps onto the
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-
-from lmadapt.config import ConfigError, did_you_mean, from_dict, to_dict
 
 
 @dataclass
@@ -91,7 +88,7 @@ class Method:
         """See data before the adapter exists (activation statistics for SVD-based inits)."""
 
     def apply(self, model: nn.Module) -> None:
-        """Swap or add modules (only through ``lmadapt.tree``) and set ``requires_grad``."""
+        """Swap or add modules (only through ``lmadapt.models.tree``) and set ``requires_grad``."""
         raise NotImplementedError(f"method {self.name!r} must implement apply()")
 
     def parameter_groups(self, model: nn.Module) -> list[ParamGroup]:
@@ -146,90 +143,3 @@ class Method:
     def config_from_peft(cls, peft_config: dict[str, Any]) -> dict[str, Any]:
         """Translate a PEFT ``adapter_config.json`` into this method's config dict."""
         raise NotImplementedError(f"method {cls.name!r} does not read PEFT adapters")
-
-
-_REGISTRY: dict[str, type[Method]] = {}
-
-
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make a method available by its ``name``."""
-    if not cls.name or not dataclasses.is_dataclass(cls.config_class):
-        raise TypeError(f"{cls.__name__} needs a name and a dataclass config_class")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise TypeError(f"a method named {cls.name!r} is already registered")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def available_methods() -> list[str]:
-    """Names of the registered methods."""
-    return sorted(_REGISTRY)
-
-
-def method_class(name: str) -> type[Method]:
-    """The registered class for ``name``, with a helpful error for unknown names."""
-    if name not in _REGISTRY:
-        raise ConfigError([f"method.name: unknown method {name!r}.{did_you_mean(name, _REGISTRY)} "
-                           f"Available: {', '.join(available_methods())}"])
-    return _REGISTRY[name]
-
-
-def method_for_peft_type(peft_type: str) -> type[Method] | None:
-    """The registered method that reads PEFT adapters of ``peft_type`` (e.g. "LORA"), if any."""
-    for cls in _REGISTRY.values():
-        if cls.peft_type == peft_type:
-            return cls
-    return None
-
-
-def method_problems(spec: dict[str, Any]) -> list[str]:
-    """Every problem in a ``method:`` section, as 'method.<key>: ...' strings (empty when valid)."""
-    name = spec.get("name", "lora")
-    try:
-        cls = method_class(name)
-    except ConfigError as exc:
-        return exc.problems
-    fields = {k: v for k, v in spec.items() if k != "name"}
-    try:
-        from_dict(cls.config_class, fields)
-    except ConfigError as exc:
-        return [f"method.{p}" for p in exc.problems]
-    return []
-
-
-def config_with_method(cls: type, data: dict[str, Any], where: str | None,
-                       default_method: dict[str, Any]) -> tuple[Any, list[str]]:
-    """(``cls`` built from ``data`` or None, every problem): the config's own fields and its ``method:`` section
-    (checked by that method's rules; a string is a method name; ``default_method`` when absent). ``data`` is
-    updated in place. Callers add their own cross-field checks before raising one ConfigError."""
-    if isinstance(data.get("method"), str):
-        data["method"] = {"name": data["method"]}
-    problems: list[str] = []
-    cfg = None
-    try:
-        cfg = from_dict(cls, data, where)
-    except ConfigError as exc:
-        problems += exc.problems
-    method = data.get("method", default_method)
-    if isinstance(method, dict):
-        problems += method_problems(method)
-    return cfg, problems
-
-
-def build_method(spec: dict[str, Any] | Method) -> Method:
-    """A method instance from ``{"name": ..., **fields}`` (validated; raises ConfigError)."""
-    if isinstance(spec, Method):
-        return spec
-    name = spec.get("name", "lora")
-    cls = method_class(name)
-    fields = {k: v for k, v in spec.items() if k != "name"}
-    try:
-        cfg = from_dict(cls.config_class, fields)
-    except ConfigError as exc:
-        raise ConfigError([f"method.{p}" for p in exc.problems]) from None
-    return cls(cfg)
-
-
-def method_spec(method: Method) -> dict[str, Any]:
-    """The ``method:`` section that rebuilds ``method``."""
-    return {"name": method.name, **to_dict(method.config)}

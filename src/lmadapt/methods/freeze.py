@@ -12,8 +12,8 @@ from torch import nn
 
 from lmadapt.config import option
 from lmadapt.methods._weights import WeightsMethod, trainable_named
-from lmadapt.methods.base import register
-from lmadapt.tree import find_modules, freeze_all
+from lmadapt.methods.registry import register
+from lmadapt.models.tree import find_modules, freeze_all
 
 _BLOCK = re.compile(r"(.*\.)?(layers|h|blocks|block)\.(\d+)$")
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from lmadapt.config import option
 from lmadapt.methods._weights import WeightsMethod, trainable_named
-from lmadapt.methods.base import register
+from lmadapt.methods.registry import register
 
 
 @dataclass

@@ -23,8 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmadapt.config import option
-from lmadapt.methods.base import Method, ParamGroup, register
-from lmadapt.tree import find_modules, freeze_all, modules_of_type, replace_module
+from lmadapt.methods.base import Method, ParamGroup
+from lmadapt.methods.registry import register
+from lmadapt.models.tree import (
+    find_modules,
+    freeze_all,
+    modules_of_type,
+    replace_module,
+)
 
 PEFT_PREFIX = "base_model.model."
 

@@ -1,0 +1,1 @@
+"""Decoding: generation, continuation scoring, decoding-time steering and value models."""

@@ -1,0 +1,48 @@
+"""What one evaluation is: the ``evals:`` entry of a run config and the CLI's eval flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from lmadapt.config import option
+
+Task = Literal["perplexity", "generation", "multiple_choice", "classification"]
+
+
+@dataclass
+class EvalConfig:
+    task: Task = option(help="perplexity | generation | multiple_choice | classification.")
+    data: list[str] = option(help="Evaluation files or globs (JSONL, JSON, CSV, Parquet).")
+    text_field: str = option("text", "perplexity: the field holding the text.")
+    prompt_field: str = option("prompt", "generation, multiple_choice, classification: the prompt field.")
+    answer_field: str = option("answer", "generation: expected answer (string or list of accepted strings); "
+                                         "multiple_choice: index (0-based) or text of the right choice.")
+    choices_field: str = option("choices", "multiple_choice: the field holding the list of choices.")
+    label_field: str = option("label", "classification: the field holding the gold label.")
+    labels: list[str] = option([], "classification: candidate labels, scored as written (e.g. ' sport'); "
+                                   "empty: the sorted set of labels in the data.")
+    chat: bool = option(False, "Render prompts with the tokenizer's chat template (ignored by perplexity).")
+    system_prompt: str | None = option(None, "System message for chat=True.")
+    match: Literal["exact", "normalized"] = option(
+        "normalized", "generation: exact (after stripping whitespace) or normalized (lowercase, no punctuation, "
+                      "articles or extra spaces, as in SQuAD) comparison.")
+    max_new_tokens: int = option(16, "generation: tokens to generate per prompt.")
+    max_length: int = option(1024, "perplexity: window length in tokens; longer texts are split.")
+    batch_size: int = option(4, "Sequences per forward pass (perplexity windows, generation prompts).")
+    max_examples: int | None = option(None, "Evaluate only the first N examples (null: all).")
+
+    def check(self) -> list[str]:
+        problems = []
+        if not self.data:
+            problems.append("data: give at least one file or glob")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_length < 2:
+            problems.append(f"max_length: must be >= 2, got {self.max_length}")
+        if self.max_examples is not None and self.max_examples < 1:
+            problems.append(f"max_examples: must be >= 1 or null, got {self.max_examples}")
+        if self.labels and len(set(self.labels)) != len(self.labels):
+            problems.append(f"labels: duplicates in {self.labels}")
+        return problems

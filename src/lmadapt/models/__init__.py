@@ -1,0 +1,1 @@
+"""Models: loading (local folders and built-ins), fingerprints, vocabulary utilities and the tree walker."""

@@ -1,0 +1,188 @@
+"""The one module that walks and edits the model tree.
+
+Targets are matched by *anchored* names, never by substring:
+
+- ``"q_proj"`` matches a module whose dotted name ends with the whole component ``q_proj``
+  (``model.layers.0.self_attn.q_proj``), never ``q_proj_extra`` nor ``lora_q_proj``;
+- ``"self_attn.q_proj"`` matches on the last two components, and so on;
+- ``"re:<pattern>"`` matches when the regular expression matches the *whole* dotted name;
+- ``"all-linear"`` matches every ``nn.Linear`` except the output head (``lm_head`` / the output embeddings).
+
+Every method swaps or adds modules only through :func:`replace_module`, so a swap keeps the
+dotted path (and with it the base model's state-dict keys) intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lmadapt.errors import LmadaptError
+
+
+def name_matches(name: str, target: str) -> bool:
+    """True when module ``name`` is selected by ``target`` (anchored component suffix or ``re:`` full match)."""
+    if target.startswith("re:"):
+        return re.fullmatch(target[3:], name) is not None
+    parts, want = name.split("."), target.split(".")
+    return len(want) <= len(parts) and parts[-len(want):] == want
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    return {n for n, m in model.named_modules() if m is head} if head is not None else set()
+
+
+def find_modules(
+    model: nn.Module,
+    targets: Sequence[str],
+    *,
+    types: tuple[type[nn.Module], ...] = (nn.Linear,),
+    exclude: Sequence[str] = (),
+) -> list[tuple[str, nn.Module]]:
+    """Modules of ``types`` selected by ``targets`` and not by ``exclude``, in model order.
+
+    Raises with the available names when a target selects nothing, so a typo cannot silently
+    train nothing.
+    """
+    heads = _output_head_names(model)
+    candidates = [(n, m) for n, m in model.named_modules() if n and isinstance(m, types)]
+    chosen: list[tuple[str, nn.Module]] = []
+    unmatched = []
+    for target in targets:
+        if target == "all-linear":
+            hits = [(n, m) for n, m in candidates if n not in heads]
+        else:
+            hits = [(n, m) for n, m in candidates if name_matches(n, target)]
+        if not hits:
+            unmatched.append(target)
+        chosen += hits
+    if unmatched:
+        leaf_names = sorted({n.rsplit(".", 1)[-1] for n, _ in candidates})
+        kinds = "/".join(t.__name__ for t in types)
+        raise LmadaptError(
+            f"target module(s) {', '.join(repr(t) for t in unmatched)} match no {kinds} module in the model. "
+            f"Available names: {', '.join(leaf_names) or '(none)'}; use 're:<regex>' to match full dotted "
+            f"names (e.g. 're:.*layers\\.(2[0-9])\\.mlp\\..*') or 'all-linear'."
+        )
+    picked = {name for name, _ in chosen}  # reported in model order, whatever the order of the targets
+    out = [(n, m) for n, m in candidates if n in picked and not any(name_matches(n, e) for e in exclude)]
+    if chosen and not out:
+        raise LmadaptError(f"exclude {list(exclude)} removes every module that target(s) {list(targets)} "
+                           f"select, so nothing would be adapted; narrow the exclude list")
+    return out
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The submodule at dotted path ``name``."""
+    return model.get_submodule(name)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at dotted path ``name`` and return the module it replaced.
+
+    ``new`` takes the train/eval mode of the module it replaces, so an adapter added to a model in eval
+    mode does not run its dropout.
+    """
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    new.train(old.training)
+    setattr(parent, child, new)
+    return old
+
+
+def modules_of_type(model: nn.Module, cls: type[nn.Module]) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for every submodule that is an instance of ``cls``."""
+    for name, module in model.named_modules():
+        if isinstance(module, cls):
+            yield name, module
+
+
+def freeze_all(model: nn.Module) -> None:
+    """Set ``requires_grad=False`` on every parameter (and keep the output head fast once frozen)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _contiguous_head_input(model)
+
+
+def _make_contiguous(module: nn.Module, args: tuple) -> tuple | None:
+    if args and torch.is_tensor(args[0]) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
+def _contiguous_head_input(model: nn.Module) -> None:
+    """Give the output head contiguous inputs.
+
+    transformers slices the hidden states it feeds the head (``hidden[:, -k:, :]``, e.g. in every
+    generation prefill). torch's linear on such a strided 3-D view is ~100x slower when the weight
+    does not require grad (it is expanded per batch row): 1.13 s instead of 9 ms for SmolLM2's
+    49,152 x 576 head at batch 8 on CPU (torch 2.13). Copying the slice first costs microseconds.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if isinstance(head, nn.Linear) and not getattr(head, "_lmadapt_contiguous_input", False):
+        head.register_forward_pre_hook(_make_contiguous)
+        head._lmadapt_contiguous_input = True
+
+
+class Switchable:
+    """Mixin-free marker protocol: adapter modules expose ``adapter_enabled: bool``."""
+
+    adapter_enabled: bool = True
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the frozen base model through the same weights: every adapter module is switched off inside.
+
+    Used for losses that need the base model's logits (BA-LoRA, self-distillation) and for
+    proxy-tuning's anti-expert, without a second copy of the model in memory. Raises when the model has
+    no adapter modules at all (plain model, full or partial fine-tuning): the base outputs are gone then.
+    """
+    if not any(isinstance(getattr(m, "adapter_enabled", None), bool) for m in model.modules()):
+        raise LmadaptError("the model has no adapter modules to switch off (a plain model, or a method such as "
+                           "full/freeze that trains the base weights themselves), so it cannot give the base "
+                           "model's outputs; load the base model separately for them")
+    switched = [m for m in model.modules() if getattr(m, "adapter_enabled", None) is True]
+    for m in switched:
+        m.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for m in switched:
+            m.adapter_enabled = True
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (where its inputs go)."""
+    return next(model.parameters()).device
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = trainable = 0
+    for p in model.parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def base_state_keys(model: nn.Module) -> list[str]:
+    """Parameter and buffer names of the model, as transformers saves them."""
+    return list(model.state_dict().keys())
+
+
+def parameter_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32

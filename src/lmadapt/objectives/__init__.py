@@ -1,0 +1,1 @@
+"""Objectives: what the loop minimises (causal LM, distillation, the VAS value loss)."""

@@ -1,0 +1,157 @@
+"""Training objectives: what the loop minimises. The causal-LM objective serves SFT and continual
+pretraining (the data decides which tokens carry loss through ``labels``); distillation adds a
+teacher's KL term (used by :mod:`lmadapt.recipes.helper_model`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmadapt.objectives.causal_lm import (
+    causal_inputs,
+    causal_lm_loss,
+    takes_logits_to_keep,
+    target_positions,
+)
+
+
+class _DistillSums(torch.autograd.Function):
+    """(sum_i KL(p_t^T || p_s^T)_i, sum_i CE_i) over the rows whose target is not -100, chunked.
+
+    ``student`` and ``teacher`` are (N, V) logits, ``targets`` (N,) token ids or -100 (row ignored).
+    Per row, with s = student / T, t = teacher / T and lse the log-sum-exp over the vocabulary:
+        KL = sum_v p_t (t - s) - lse(t) + lse(s),     p_t = exp(t - lse(t))
+        CE = lse(student) - student[target]
+    and the gradients, which the backward recomputes chunk by chunk from the saved logits:
+        dKL/dstudent = (softmax(s) - p_t) / T,        dCE/dstudent = softmax(student) - onehot(target)
+    Only per-row log-sum-exps are kept between forward and backward, so at most ``chunk`` rows of
+    fp32 (fp64 for fp64 input) vocabulary-wide temporaries exist at a time, and ignored rows are
+    masked instead of copied out.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
+                temperature: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n, T = student.shape[0], temperature
+        acc = torch.promote_types(student.dtype, torch.float32)
+        lse_s, lse_t, lse_1 = (torch.empty(n, dtype=acc, device=student.device) for _ in range(3))
+        kl = torch.zeros((), dtype=acc, device=student.device)
+        ce = torch.zeros((), dtype=acc, device=student.device)
+        valid = targets != -100
+        picked = targets.clamp_min(0)[:, None]
+        for a in range(0, n, chunk):
+            rows = slice(a, a + chunk)
+            s1 = student[rows].to(acc)
+            s, t = (s1, teacher[rows].to(acc)) if T == 1 else (s1 / T, teacher[rows].to(acc) / T)
+            lse_s[rows], lse_t[rows] = torch.logsumexp(s, -1), torch.logsumexp(t, -1)
+            p_t = (t - lse_t[rows, None]).exp_()
+            kl_rows = (p_t * t.sub_(s)).sum(-1) - lse_t[rows] + lse_s[rows]
+            lse_1[rows] = lse_s[rows] if T == 1 else torch.logsumexp(s1, -1)
+            ce_rows = lse_1[rows] - s1.gather(1, picked[rows]).squeeze(1)
+            kl += kl_rows[valid[rows]].sum()
+            ce += ce_rows[valid[rows]].sum()
+        ctx.save_for_backward(student, teacher, targets, lse_s, lse_t, lse_1)
+        ctx.temperature, ctx.chunk = T, chunk
+        return kl, ce
+
+    @staticmethod
+    def backward(ctx: Any, g_kl: torch.Tensor, g_ce: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        student, teacher, targets, lse_s, lse_t, lse_1 = ctx.saved_tensors
+        T, chunk = ctx.temperature, ctx.chunk
+        use_kl, use_ce = bool(g_kl != 0), bool(g_ce != 0)
+        if not (use_kl or use_ce):
+            return torch.zeros_like(student), None, None, None, None
+        grad = torch.empty_like(student)
+        valid = targets != -100
+        masked = not bool(valid.all())
+        for a in range(0, student.shape[0], chunk):
+            rows = slice(a, a + chunk)
+            s1 = student[rows].to(lse_s.dtype)
+            g = None
+            if use_kl:
+                s, t = (s1, teacher[rows].to(s1.dtype)) if T == 1 else (s1 / T, teacher[rows].to(s1.dtype) / T)
+                p_t = t.sub_(lse_t[rows, None]).exp_()
+                g = (s - lse_s[rows, None]).exp_().sub_(p_t).mul_(g_kl / T)
+            if use_ce:
+                p_1 = (s1 - lse_1[rows, None]).exp_()
+                p_1[torch.arange(p_1.shape[0], device=p_1.device), targets[rows].clamp_min(0)] -= 1
+                g = p_1.mul_(g_ce) if g is None else g.add_(p_1.mul_(g_ce))
+            if masked:
+                g.mul_(valid[rows, None])
+            grad[rows] = g
+        return grad, None, None, None, None
+
+
+def _logits_at(model: nn.Module, batch: dict[str, Any], positions: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """(outputs, (B, P, V) logits at ``positions``), computed only there when the model allows it."""
+    if takes_logits_to_keep(type(model)):
+        outputs = model(**causal_inputs(batch), use_cache=False, logits_to_keep=positions)
+        return outputs, outputs.logits
+    outputs = model(**causal_inputs(batch), use_cache=False)
+    return outputs, outputs.logits[:, positions]
+
+
+def _common_vocab(student: torch.Tensor, teacher: torch.Tensor,
+                  vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both logit tensors cut to the shared vocabulary; a width difference is only allowed as padding."""
+    ws, wt = student.shape[-1], teacher.shape[-1]
+    if ws == wt and (vocab_size is None or vocab_size >= ws):
+        return student, teacher
+    if vocab_size is None or min(ws, wt) < vocab_size:
+        raise ValueError(
+            f"distillation needs one vocabulary: the student has {ws} logits per position and the teacher "
+            f"{wt}{'' if vocab_size is None else f', but the tokenizer has {vocab_size} tokens'}. Use a "
+            f"teacher with the student's tokenizer (pass vocab_size=len(tokenizer) when one of them only "
+            f"pads its output layer).")
+    return student[..., :vocab_size], teacher[..., :vocab_size]
+
+
+def distillation_loss(teacher: nn.Module | None, *, temperature: float = 1.0, distill_weight: float = 1.0,
+                      lm_weight: float = 0.0, vocab_size: int | None = None,
+                      chunk_size: int = 256) -> Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, int, Any]]:
+    """A loss_fn for the loop: token-level knowledge distillation from a frozen ``teacher``, plus CE.
+
+    Hinton et al., "Distilling the Knowledge in a Neural Network" (arXiv:1503.02531). Summed over
+    the target tokens t (labels != -100), with p^T = softmax(logits / T):
+        loss = distill_weight * T^2 * sum_t KL(p_teacher^T || p_student^T) + lm_weight * sum_t CE_t
+    (T^2 keeps the gradient scale independent of T). The teacher runs in eval mode under no_grad at
+    the same positions as the student, and both compute vocabulary logits only at positions that
+    predict a target (``target_positions``; all but the last for raw text). Both must share a
+    tokenizer: logits of different widths are refused, unless ``vocab_size`` (the tokenizer's length)
+    shows the extra columns are padding, which is cut off. The KL and CE are computed ``chunk_size``
+    positions at a time (see :class:`_DistillSums`); ``outputs.distill_sums`` holds their detached
+    sums. Without a teacher, or with ``distill_weight=0``, this is ``lm_weight`` times
+    :func:`causal_lm_loss`.
+    """
+    if temperature <= 0 or distill_weight < 0 or lm_weight < 0 or chunk_size < 1:
+        raise ValueError(f"need temperature > 0, weights >= 0 and chunk_size >= 1; got temperature={temperature}, "
+                         f"distill_weight={distill_weight}, lm_weight={lm_weight}, chunk_size={chunk_size}")
+    if teacher is None or distill_weight == 0:
+        if lm_weight == 0:
+            raise ValueError("both loss weights are 0 (or there is no teacher and lm_weight is 0): nothing to train")
+
+        def lm_only(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int, Any]:
+            loss, n, outputs = causal_lm_loss(model, batch)
+            return (loss if lm_weight == 1 else lm_weight * loss), n, outputs
+        return lm_only
+    teacher.eval()
+    teacher.requires_grad_(False)
+
+    def loss_fn(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int, Any]:
+        labels = batch["labels"]
+        positions = target_positions(model, labels)
+        if positions is None:  # ask for all but the last position: contiguous logits, no slicing copy
+            positions = torch.arange(labels.shape[1] - 1, device=labels.device)
+        outputs, logits = _logits_at(model, batch, positions)
+        with torch.no_grad():
+            _, teacher_logits = _logits_at(teacher, batch, positions)
+        s, t = _common_vocab(logits.flatten(0, 1), teacher_logits.flatten(0, 1), vocab_size)
+        targets = labels[:, positions + 1].to(s.device).reshape(-1)
+        kl, ce = _DistillSums.apply(s, t, targets, temperature, chunk_size)
+        outputs.logit_positions = positions
+        outputs.distill_sums = {"kl": kl.detach(), "ce": ce.detach()}
+        return distill_weight * temperature ** 2 * kl + lm_weight * ce, int((targets != -100).sum()), outputs
+    return loss_fn

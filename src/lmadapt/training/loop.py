@@ -1,0 +1,254 @@
+"""The one training loop. Every method and objective goes through it; methods change it only via their hooks.
+
+Read top to bottom: build the optimizer from the method's groups, then for each optimizer step
+collect ``grad_accum`` micro-batches (their order is a pure function of seed, epoch and position, so a
+resumed run sees the same data), add the method's extra loss, clip, step, let the method react,
+log, validate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmadapt.errors import LmadaptError
+from lmadapt.hardware import choose_threads, resolve_precision, warn_if_slow
+from lmadapt.methods import Method, StepContext
+from lmadapt.models.tree import adapters_disabled
+from lmadapt.objectives.causal_lm import causal_inputs, causal_lm_loss
+from lmadapt.reporting import MetricsLog
+from lmadapt.training.attention import training_attention
+from lmadapt.training.checkpoint import (
+    checkpoint_dirs,
+    load_checkpoint,
+    save_checkpoint,
+)
+from lmadapt.training.config import TrainConfig
+from lmadapt.training.optim import build_optimizer
+from lmadapt.training.precision import autocast, needs_autocast
+from lmadapt.training.schedules import lr_factor
+
+
+class NonFiniteLoss(LmadaptError):
+    """The loss or gradient became NaN/inf and the policy is to stop."""
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    tokens: int  # loss-bearing tokens
+    input_tokens: int  # every real token processed
+    seconds: float
+    final_loss: float | None
+    val_loss: float | None
+    skipped_steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class Trainer:
+    """Runs optimizer steps for one method over one batcher; see the module docstring."""
+
+    def __init__(self, model: nn.Module, method: Method, cfg: TrainConfig, train_batcher: Any,
+                 val_batcher: Any | None, run_dir: Path, *, base_model: str | None,
+                 base_fingerprint: str | None, device: torch.device,
+                 loss_fn: Callable = causal_lm_loss) -> None:
+        cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
+        warn_if_slow(cfg.precision, device, "train.precision")
+        self.model, self.method, self.cfg = model, method, cfg
+        self.train_batcher, self.val_batcher = train_batcher, val_batcher
+        self.run_dir, self.device, self.loss_fn = Path(run_dir), device, loss_fn
+        self.base_model, self.base_fingerprint = base_model, base_fingerprint
+        self.optimizer = build_optimizer(model, method, cfg)
+        self.steps_per_epoch = max(1, len(train_batcher) // cfg.grad_accum)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.warmup = cfg.warmup_steps or round(cfg.warmup_ratio * self.total_steps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        self.use_autocast = needs_autocast(model, cfg.precision)
+        # tokens: loss-bearing ("useful") tokens; input_tokens: every real (non-padding) token processed
+        self.state: dict[str, Any] = {"step": 0, "micro": 0, "tokens": 0, "input_tokens": 0, "skipped": 0,
+                                      "elapsed": 0.0,
+                                      "threads": choose_threads(cfg.threads) if device.type == "cpu" else 0}
+        self._plans: dict[int, list] = {}
+
+    # --- data ----------------------------------------------------------------------------------
+    def _micro_batch(self, index: int) -> dict[str, Any]:
+        epoch, pos = divmod(index, len(self.train_batcher))
+        if epoch not in self._plans:
+            self._plans = {epoch: self.train_batcher.batches(epoch)}
+        return self.train_batcher.collate(self._plans[epoch][pos])
+
+    # --- resume --------------------------------------------------------------------------------
+    def resume(self) -> Path | None:
+        """Continue from the newest complete checkpoint in the run folder, if any."""
+        found = checkpoint_dirs(self.run_dir)
+        if not found:
+            return None
+        saved = load_checkpoint(found[-1], model=self.model, method=self.method, optimizer=self.optimizer)
+        self.state.update({k: saved[k] for k in self.state if k in saved})
+        return found[-1]
+
+    # --- one step ------------------------------------------------------------------------------
+    def _step(self) -> tuple[float | None, float]:
+        """One optimizer step; returns (mean loss, grad norm) or (None, nan) when skipped."""
+        cfg, model = self.cfg, self.model
+        micro = [self._micro_batch(self.state["micro"] + i) for i in range(cfg.grad_accum)]
+        n_target = max(1, sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro))
+        self.state["input_tokens"] += sum(int(mb.get("num_tokens", mb["input_ids"].numel())) for mb in micro)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        ctx = None
+        for mb in micro:
+            mb = to_device(mb, self.device)
+            with autocast(self.device, cfg.precision, self.use_autocast):
+                loss_sum, n, outputs = self.loss_fn(model, mb)
+                ctx = StepContext(model, mb, self.state["step"], self.total_steps, outputs, self.optimizer,
+                                  _base_logits=lambda mb=mb, o=outputs: self._base_logits(mb, o))
+                loss = loss_sum / n_target
+                extra = self.method.extra_loss(ctx)
+                if extra is not None:
+                    loss = loss + extra * (n / n_target)
+            if not torch.isfinite(loss):
+                return self._non_finite(f"loss is {loss.item()}")
+            self.scaler.scale(loss).backward()
+            total += loss.item()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+            return self._non_finite(f"gradient norm is {grad_norm}")
+        factor = lr_factor(self.state["step"], total=self.total_steps, warmup=self.warmup,
+                           schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio, decay_ratio=cfg.decay_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = cfg.lr * factor * g["lr_scale"]
+        self.method.before_optimizer_step(ctx)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_optimizer_step(ctx)
+        self.state["tokens"] += n_target
+        if self.method.on_step_end(ctx):
+            self.optimizer = build_optimizer(model, self.method, cfg, previous=self.optimizer)
+        return total, grad_norm
+
+    def _non_finite(self, what: str) -> tuple[None, float]:
+        step = self.state["step"] + 1
+        if self.cfg.nan_policy == "skip":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state["skipped"] += 1
+            return None, float("nan")
+        last = checkpoint_dirs(self.run_dir)
+        keep = f"the last good checkpoint is {last[-1]}" if last else \
+            "no checkpoint was written yet (set train.save_every to keep some)"
+        raise NonFiniteLoss(f"training stopped at step {step}: the {what}. Nothing after step {step - 1} was "
+                            f"saved; {keep}. Lower train.lr, use train.precision=fp32, resume with "
+                            f"--resume, or set train.nan_policy=skip to skip such steps.")
+
+    @torch.no_grad()
+    def _base_logits(self, batch: dict[str, Any], outputs: Any) -> torch.Tensor:
+        """Frozen-base logits at the same positions as ``outputs.logits``."""
+        positions = getattr(outputs, "logit_positions", None)
+        extra = {} if positions is None else {"logits_to_keep": positions}
+        with adapters_disabled(self.model):
+            return self.model(**causal_inputs(batch), use_cache=False, **extra).logits
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean validation loss per target token."""
+        if self.val_batcher is None:
+            return None
+        self.model.eval()
+        total, tokens = 0.0, 0
+        plan = self.val_batcher.batches(0)
+        if self.cfg.eval_batches:
+            plan = plan[: self.cfg.eval_batches]
+        for indices in plan:
+            mb = to_device(self.val_batcher.collate(indices), self.device)
+            with autocast(self.device, self.cfg.precision, self.use_autocast):
+                loss_sum, n, _ = self.loss_fn(self.model, mb)
+            total, tokens = total + float(loss_sum), tokens + n
+        self.model.train()
+        return total / max(1, tokens)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run(self, progress: bool = True) -> LoopResult:
+        """Train to ``total_steps`` (from wherever the state is), with this run's thread count and,
+        on CPU, lmadapt's training attention; both are put back afterwards."""
+        threads_before = torch.get_num_threads()
+        if self.state["threads"]:
+            torch.set_num_threads(self.state["threads"])
+        attention = (training_attention(self.model, self.device) if self.cfg.cpu_attention
+                     else contextlib.nullcontext())
+        try:
+            with attention:
+                return self._run(progress)
+        finally:
+            torch.set_num_threads(threads_before)
+
+    def _run(self, progress: bool) -> LoopResult:
+        cfg, state = self.cfg, self.state
+        log = MetricsLog(self.run_dir, tensorboard=cfg.tensorboard)
+        bar = tqdm(total=self.total_steps, initial=state["step"], disable=not progress, unit="step",
+                   dynamic_ncols=True, desc="training")
+        self.model.train()
+        history: list[dict[str, Any]] = []
+        last_loss = val_loss = None
+        t_start = time.perf_counter() - state["elapsed"]
+        tokens_start, inputs_start = state["tokens"], state["input_tokens"]
+        t_resume = time.perf_counter()
+        try:
+            while state["step"] < self.total_steps:
+                loss, grad_norm = self._step()
+                state["step"] += 1
+                state["micro"] += cfg.grad_accum
+                state["elapsed"] = time.perf_counter() - t_start
+                since = max(1e-9, time.perf_counter() - t_resume)
+                speed = (state["tokens"] - tokens_start) / since
+                input_speed = (state["input_tokens"] - inputs_start) / since
+                lr = self.optimizer.param_groups[0]["lr"]
+                if loss is not None:
+                    last_loss = loss
+                record = {"step": state["step"], "epoch": state["micro"] / len(self.train_batcher),
+                          "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens"],
+                          "input_tokens": state["input_tokens"], "tokens_per_s": round(input_speed, 1),
+                          "useful_tokens_per_s": round(speed, 1), "elapsed_s": round(state["elapsed"], 2)}
+                if loss is None:  # a skipped step has no loss to report
+                    del record["loss"]
+                    record["skipped"] = True
+                if state["step"] % cfg.log_every == 0 or loss is None:
+                    log.log(record)
+                    history.append(record)
+                bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "skip", lr=f"{lr:.2e}",
+                                tok_s=f"{input_speed:.0f}")
+                bar.update(1)
+                at_end = state["step"] == self.total_steps
+                if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or at_end:
+                    val_loss = self.validate()
+                    if val_loss is not None:
+                        rec = {"step": state["step"], "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+                        log.log(rec)
+                        history.append(rec)
+                if cfg.save_every and state["step"] % cfg.save_every == 0 and not at_end:
+                    save_checkpoint(self.run_dir, state["step"], model=self.model, method=self.method,
+                                    optimizer=self.optimizer, trainer_state=dict(state),
+                                    base_model=self.base_model, base_fingerprint=self.base_fingerprint,
+                                    keep_last=cfg.keep_last)
+        finally:
+            bar.close()
+            log.close()
+            self.model.eval()
+        return LoopResult(state["step"], state["tokens"], state["input_tokens"], state["elapsed"], last_loss,
+                          val_loss, state["skipped"], history)
