@@ -84,17 +84,17 @@ def _dataset_and_plan(args: argparse.Namespace, folder: str, data_file: Path):  
     from lmadapt.config import from_dict
     from lmadapt.data import DataConfig, load_splits
     from lmadapt.models.loading import load_tokenizer
-    from lmadapt.training.run import _batcher, load_run_config
+    from lmadapt.recipes.finetune import load_run_config, run_batcher
 
     tok = load_tokenizer(folder)
     dataset, _, _ = load_splits(from_dict(DataConfig, _data_config(args, data_file)), tok)
     cfg = load_run_config({"data": _data_config(args, data_file), "train": {"batch_size": args.batch_size}})
-    plan = [[row[0] for row in batch] for batch in _batcher(dataset, cfg, tok).batches(0)]
+    plan = [[row[0] for row in batch] for batch in run_batcher(dataset, cfg, tok).batches(0)]
     return tok, dataset, plan
 
 
 def worker_lmadapt(args: argparse.Namespace, folder: str, data_file: Path, out_dir: Path) -> dict:
-    from lmadapt.training.run import train
+    from lmadapt.recipes.finetune import train
 
     init = out_dir.parent / "init-adapter"
     cfg = {"model": {"name_or_path": folder},  # dtype auto: bf16 storage for bf16 training of a frozen base

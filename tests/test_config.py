@@ -4,7 +4,7 @@ import pytest
 
 from lmadapt.config import parse_overrides
 from lmadapt.errors import ConfigError
-from lmadapt.training.run import load_run_config
+from lmadapt.recipes.finetune import load_run_config
 from lmadapt.training.schedules import lr_factor
 
 

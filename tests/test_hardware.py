@@ -61,7 +61,7 @@ def test_training_with_auto_precision_runs_and_records_what_it_chose(monkeypatch
     import yaml
 
     from lmadapt.methods import build_method
-    from lmadapt.training.run import load_run_config, train, training_model_config
+    from lmadapt.recipes.finetune import load_run_config, train, training_model_config
 
     monkeypatch.setattr(hardware, "cpu_matmul_speedup", lambda dtype: speedup)
     run_config["model"]["dtype"] = "auto"

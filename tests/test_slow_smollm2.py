@@ -19,7 +19,7 @@ PINNED = [4.1001, 2.8413, 0.6959, 1.5984, 1.3502, 0.9394]
 @pytest.fixture(scope="module")
 def bbc_run(tmp_path_factory):
     from lmadapt.recipes.demo_data import bbc_news
-    from lmadapt.training.run import train
+    from lmadapt.recipes.finetune import train
 
     tmp = tmp_path_factory.mktemp("smol")
     train_rows, _, _ = bbc_news(seed=0)

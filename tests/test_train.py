@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from lmadapt.adapters.format import load_adapter
 from lmadapt.errors import DataError, LmadaptError
 from lmadapt.training.loop import NonFiniteLoss, Trainer
-from lmadapt.training.run import train
+from lmadapt.recipes.finetune import train
 
 
 def test_training_lowers_loss_and_writes_the_run_folder(run_config):
@@ -61,24 +61,26 @@ def test_bad_data_stops_before_anything_is_written(run_config, tmp_path):
 
 
 def _nan_at(step_to_fail):
-    from lmadapt.objectives.causal_lm import causal_lm_loss
+    """The causal LM objective, with a NaN loss at the ``step_to_fail``-th call."""
+    from lmadapt.objectives.causal_lm import CausalLM, CausalLMConfig
 
-    calls = {"n": 0}
+    class NanAt(CausalLM):
+        calls = 0
 
-    def loss_fn(model, batch):
-        calls["n"] += 1
-        loss, n, out = causal_lm_loss(model, batch)
-        if calls["n"] == step_to_fail:
-            loss = loss * float("nan")
-        return loss, n, out
-    return loss_fn
+        def loss(self, model, batch, **kwargs):
+            NanAt.calls += 1
+            out = super().loss(model, batch, **kwargs)
+            if NanAt.calls == step_to_fail:
+                out.loss = out.loss * float("nan")
+            return out
+    return NanAt(CausalLMConfig())
 
 
-def _trainer(run_config, tmp_path, loss_fn, **train_overrides):
+def _trainer(run_config, tmp_path, objective, **train_overrides):
     from lmadapt.data import load_splits
     from lmadapt.methods import build_method
     from lmadapt.models.loading import load_model
-    from lmadapt.training.run import _batcher, load_run_config
+    from lmadapt.recipes.finetune import load_run_config, run_batcher
 
     run_config["train"].update(train_overrides)
     cfg = load_run_config(run_config)
@@ -88,8 +90,8 @@ def _trainer(run_config, tmp_path, loss_fn, **train_overrides):
     method.apply(model)
     run_dir = tmp_path / "nanrun"
     run_dir.mkdir()
-    return Trainer(model, method, cfg.train, _batcher(train_set, cfg, tok), None, run_dir, base_model="tiny",
-                   base_fingerprint="x", device=torch.device("cpu"), loss_fn=loss_fn)
+    return Trainer(model, method, cfg.train, run_batcher(train_set, cfg, tok), None, run_dir, base_model="tiny",
+                   base_fingerprint="x", device=torch.device("cpu"), objective=objective)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(run_config, tmp_path):

@@ -15,6 +15,7 @@ from lmadapt.decoding.value_model import ValueModel, load_value_model, save_valu
 from lmadapt.errors import DataError, LmadaptError
 from lmadapt.methods.lora import LoraLinear
 from lmadapt.models.vocab import check_same_tokenizer
+from lmadapt.objectives.base import build_objective
 from lmadapt.objectives.value import td_lambda_returns, terminal_rewards, value_loss
 from lmadapt.recipes.vas_samples import (
     Sample,
@@ -200,7 +201,10 @@ def test_the_head_always_trains_and_every_parameter_is_in_one_group(tokenizer, s
     vm = ValueModel(tiny_llama(), tokenizer)
     method = value_method(spec, vm)
     method.apply(vm)
-    optimizer = build_optimizer(vm, method, TrainConfig())  # checks: each trainable parameter in exactly one group
+    objective = build_objective("value")
+    objective.setup(vm, tokenizer, torch.device("cpu"))
+    # checks: each trainable parameter in exactly one group
+    optimizer = build_optimizer(vm, method, TrainConfig(), objective=objective)
     head_group = [g for g in optimizer.param_groups if g["name"] == "value_head"]
     assert [p is vm.value_head.weight for p in head_group[0]["params"]] == [True, False]
     assert head_group[0]["weight_decay"] == 0.0
@@ -212,9 +216,11 @@ def test_the_head_always_trains_and_every_parameter_is_in_one_group(tokenizer, s
 
 def test_the_head_learning_rate_ratio_scales_only_the_head(tokenizer):
     vm = ValueModel(tiny_llama(), tokenizer)
-    method = value_method("full", vm, head_lr_ratio=50.0)
+    method = value_method("full", vm)
     method.apply(vm)
-    optimizer = build_optimizer(vm, method, TrainConfig(lr=1e-4))
+    objective = build_objective({"name": "value", "head_lr_ratio": 50.0})
+    objective.setup(vm, tokenizer, torch.device("cpu"))
+    optimizer = build_optimizer(vm, method, TrainConfig(lr=1e-4), objective=objective)
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
     assert lrs.pop("value_head") == pytest.approx(5e-3)
     assert lrs and all(lr == pytest.approx(1e-4) for lr in lrs.values())

@@ -5,14 +5,20 @@ A method is one file that defines a config dataclass and a :class:`Method` subcl
 in this order (see ``docs/methods.md`` for how each planned method maps onto them)::
 
     method = build_method({"name": "lora", "r": 16})
+    tokenizer = method.prepare(model, tokenizer)  # may change the vocabulary (then the adapter carries the tokenizer)
     method.calibrate(model, batches)          # only if method.calibration_batches > 0 (PiSSA/CorDA inits)
     method.apply(model)                       # swap/add modules through lmadapt.models.tree, set requires_grad
     groups = method.parameter_groups(model)   # which parameters train, in which optimizer group
-    for each step:
-        loss = objective(model, batch) [+ method.extra_loss(ctx)]    # ctx.base_logits() = adapters off
-        method.before_optimizer_step(ctx); optimizer.step(); method.after_optimizer_step(ctx)
-        if method.on_step_end(ctx): rebuild the optimizer from method.parameter_groups(model)
+    for each step (step = optimizer steps done before it):
+        for each micro-batch i: loss_i = objective.loss(model, mb_i) [+ method.extra_loss(ctx_i)]
+                                # ctx_i.batch/.outputs/.micro_index; ctx_i.base_logits() = adapters off
+        step_ctx.micro_batches = [ctx_0, ..., ctx_n]       # every micro-batch's batch, in order
+        method.before_optimizer_step(step_ctx); optimizer.step(); method.after_optimizer_step(step_ctx)
+        if method.on_step_end(step_ctx): rebuild the optimizer from method.parameter_groups(model)
     method.adapter_state(model) -> tensors saved in adapter_model.safetensors
+    method.state_dict() -> JSON-able state saved in checkpoints; load_state_dict() on resume, first
+
+tests/test_method_contract.py drives a probe method through a real Trainer and checks this order.
 """
 
 from __future__ import annotations
@@ -45,6 +51,10 @@ class StepContext:
     max_steps: int
     outputs: Any = None  # the objective's model output: .logits at .logit_positions (None: all positions)
     optimizer: torch.optim.Optimizer | None = None
+    micro_index: int = 0  # which micro-batch of the step this is (extra_loss); the last one for step-level hooks
+    # Step-level hooks (before/after_optimizer_step, on_step_end): every micro-batch's context of the step, in
+    # order, with its batch (outputs are released after extra_loss to bound memory). Empty in extra_loss.
+    micro_batches: list[StepContext] = field(default_factory=list)
     _base_logits: Callable[[], torch.Tensor] | None = field(default=None, repr=False)
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -74,11 +84,19 @@ class Method:
     mergeable: ClassVar[bool] = False  # merge()/unmerge() are exact
     identity_at_init: ClassVar[bool] = True  # apply() leaves the model's outputs unchanged
     trains_base_weights: ClassVar[bool] = False  # True: the optimizer updates base weights (kept in fp32)
+    causal_attention: ClassVar[bool] = True  # False: the method lets positions attend to later ones
+    changes_tokenizer: ClassVar[bool] = False  # True: prepare() changes the tokenizer; adapters then carry it
 
     def __init__(self, config: Any) -> None:
         self.config = config
 
     # --- set-up ---------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, tokenizer: Any) -> Any:
+        """Before anything else (calibration, :meth:`apply`): see, and possibly change, the tokenizer and the
+        vocabulary (add tokens, resize the embeddings). Returns the tokenizer to use from now on. A method that
+        changes it sets ``changes_tokenizer``, and its adapter folders then carry the tokenizer's files."""
+        return tokenizer
+
     @property
     def calibration_batches(self) -> int:
         """How many training batches :meth:`calibrate` wants before :meth:`apply` (0: none)."""
@@ -113,6 +131,18 @@ class Method:
         optimizer from :meth:`parameter_groups` (keeping state for parameters that remain).
         """
         return False
+
+    # --- state across a resume -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Non-tensor state (a stage, a schedule position, indices as lists) that checkpoints save as JSON.
+
+        Tensors belong in :meth:`adapter_state`. The default: nothing."""
+        return {}
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` on resume, before the adapter tensors are loaded and the optimizer is
+        rebuilt from :meth:`parameter_groups`: a method whose trainable set depends on its state (it returned
+        True from :meth:`on_step_end`) re-establishes that set here."""
 
     # --- merging ----------------------------------------------------------------------------------
     def merge(self, model: nn.Module) -> None:

@@ -1,1 +1,4 @@
-"""Objectives: what the loop minimises (causal LM, distillation, the VAS value loss)."""
+"""Objectives: what the loop minimises. Each is one file behind :class:`lmadapt.objectives.base.Objective`,
+registered by name; importing this package registers the built-in ones (causal_lm, distill, value)."""
+
+from lmadapt.objectives import causal_lm, distill, value  # noqa: F401  (registration)

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lmadapt.data.tokens import IGNORE
+from lmadapt.objectives.base import LossOutput, Objective, register_objective
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -37,6 +41,17 @@ def causal_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     return inputs
 
 
+def forward_inputs(batch: dict[str, Any], drop_padding_mask: bool) -> dict[str, torch.Tensor]:
+    """:func:`causal_inputs` when a right-padding mask may be dropped (causal attention everywhere), else
+    :func:`model_inputs` with the mask as collated."""
+    return causal_inputs(batch) if drop_padding_mask else model_inputs(batch)
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """Tokens that carry next-token loss: positions t whose label at t + 1 is set."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
 @functools.lru_cache(maxsize=64)
 def takes_logits_to_keep(forward_type: type) -> bool:
     try:
@@ -55,13 +70,14 @@ def target_positions(model: nn.Module, labels: torch.Tensor) -> torch.Tensor | N
     """
     if not takes_logits_to_keep(type(model)):
         return None
-    wanted = (labels[:, 1:] != -100).any(dim=0).nonzero().flatten()
+    wanted = (labels[:, 1:] != IGNORE).any(dim=0).nonzero().flatten()
     if wanted.numel() > 0.75 * (labels.shape[1] - 1):
         return None
     return wanted
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int, Any]:
+def causal_lm_loss(model: nn.Module, batch: dict[str, Any], *,
+                   drop_padding_mask: bool = True) -> tuple[torch.Tensor, int, Any]:
     """Summed next-token cross-entropy over the tokens whose label is not -100.
 
     Returns (loss_sum, n_target_tokens, model_outputs). The loop divides by the tokens of the whole
@@ -73,11 +89,11 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tenso
     labels = batch["labels"]
     positions = target_positions(model, labels)
     if positions is None:
-        outputs = model(**causal_inputs(batch), use_cache=False)
+        outputs = model(**forward_inputs(batch, drop_padding_mask), use_cache=False)
         logits = outputs.logits[:, :-1, :]
         targets = labels[:, 1:].to(logits.device)
     else:
-        outputs = model(**causal_inputs(batch), use_cache=False, logits_to_keep=positions)
+        outputs = model(**forward_inputs(batch, drop_padding_mask), use_cache=False, logits_to_keep=positions)
         logits = outputs.logits
         targets = labels[:, positions + 1].to(logits.device)
     outputs.logit_positions = positions
@@ -85,3 +101,24 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tenso
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=-100, reduction="sum")
     return loss, n_tokens, outputs
+
+
+@dataclass
+class CausalLMConfig:
+    """The causal LM objective has no settings: the data's ``labels`` say which tokens carry loss."""
+
+
+@register_objective
+class CausalLM(Objective):
+    """Next-token cross-entropy over the target tokens (SFT with prompt masking, or raw text):
+    loss = - sum_t log p(x_{t+1} | x_{<=t}), normalised by the number of target tokens of the step."""
+
+    name = "causal_lm"
+    config_class = CausalLMConfig
+
+    def count(self, batch: dict[str, Any]) -> int:
+        return count_targets(batch["labels"])
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], *, drop_padding_mask: bool = False) -> LossOutput:
+        loss, n, outputs = causal_lm_loss(model, batch, drop_padding_mask=drop_padding_mask)
+        return LossOutput(loss, n, outputs)

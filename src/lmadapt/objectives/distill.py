@@ -1,21 +1,33 @@
-"""Training objectives: what the loop minimises. The causal-LM objective serves SFT and continual
-pretraining (the data decides which tokens carry loss through ``labels``); distillation adds a
-teacher's KL term (used by :mod:`lmadapt.recipes.helper_model`)."""
+"""Distillation: token-level KL to a frozen teacher's distribution, plus optional cross-entropy.
+
+Hinton et al., "Distilling the Knowledge in a Neural Network" (arXiv:1503.02531). The teacher is another
+model with the same tokenizer (a larger one, or a helper model's teacher, :mod:`lmadapt.recipes.helper_model`),
+or the model being trained with its adapters switched off (``teacher: base``: self-distillation, which keeps
+an adapted model close to its base without a second copy in memory).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from lmadapt.config import option
+from lmadapt.errors import ConfigError
+from lmadapt.models.tree import adapters_disabled
+from lmadapt.objectives.base import LossOutput, Objective, register_objective
 from lmadapt.objectives.causal_lm import (
-    causal_inputs,
     causal_lm_loss,
+    count_targets,
+    forward_inputs,
     takes_logits_to_keep,
     target_positions,
 )
+
+BASE = "base"  # the teacher that is the trained model itself with its adapters switched off
 
 
 class _DistillSums(torch.autograd.Function):
@@ -85,12 +97,14 @@ class _DistillSums(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def _logits_at(model: nn.Module, batch: dict[str, Any], positions: torch.Tensor) -> tuple[Any, torch.Tensor]:
+def _logits_at(model: nn.Module, batch: dict[str, Any], positions: torch.Tensor,
+               drop_padding_mask: bool) -> tuple[Any, torch.Tensor]:
     """(outputs, (B, P, V) logits at ``positions``), computed only there when the model allows it."""
+    inputs = forward_inputs(batch, drop_padding_mask)
     if takes_logits_to_keep(type(model)):
-        outputs = model(**causal_inputs(batch), use_cache=False, logits_to_keep=positions)
+        outputs = model(**inputs, use_cache=False, logits_to_keep=positions)
         return outputs, outputs.logits
-    outputs = model(**causal_inputs(batch), use_cache=False)
+    outputs = model(**inputs, use_cache=False)
     return outputs, outputs.logits[:, positions]
 
 
@@ -109,10 +123,12 @@ def _common_vocab(student: torch.Tensor, teacher: torch.Tensor,
     return student[..., :vocab_size], teacher[..., :vocab_size]
 
 
-def distillation_loss(teacher: nn.Module | None, *, temperature: float = 1.0, distill_weight: float = 1.0,
+def distillation_loss(teacher: nn.Module | str | None, *, temperature: float = 1.0, distill_weight: float = 1.0,
                       lm_weight: float = 0.0, vocab_size: int | None = None,
-                      chunk_size: int = 256) -> Callable[[nn.Module, dict[str, Any]], tuple[torch.Tensor, int, Any]]:
-    """A loss_fn for the loop: token-level knowledge distillation from a frozen ``teacher``, plus CE.
+                      chunk_size: int = 256) -> Callable[..., tuple[torch.Tensor, int, Any]]:
+    """A loss function ``(model, batch, *, drop_padding_mask=True) -> (loss_sum, n, outputs)``: token-level
+    knowledge distillation from a frozen ``teacher`` (a model, or ``"base"``: the trained model with its
+    adapters switched off), plus CE.
 
     Hinton et al., "Distilling the Knowledge in a Neural Network" (arXiv:1503.02531). Summed over
     the target tokens t (labels != -100), with p^T = softmax(logits / T):
@@ -133,21 +149,30 @@ def distillation_loss(teacher: nn.Module | None, *, temperature: float = 1.0, di
         if lm_weight == 0:
             raise ValueError("both loss weights are 0 (or there is no teacher and lm_weight is 0): nothing to train")
 
-        def lm_only(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int, Any]:
-            loss, n, outputs = causal_lm_loss(model, batch)
+        def lm_only(model: nn.Module, batch: dict[str, Any], *,
+                    drop_padding_mask: bool = True) -> tuple[torch.Tensor, int, Any]:
+            loss, n, outputs = causal_lm_loss(model, batch, drop_padding_mask=drop_padding_mask)
             return (loss if lm_weight == 1 else lm_weight * loss), n, outputs
         return lm_only
-    teacher.eval()
-    teacher.requires_grad_(False)
+    if isinstance(teacher, nn.Module):
+        teacher.eval()
+        teacher.requires_grad_(False)
+    elif teacher != BASE:
+        raise ValueError(f"teacher must be a model or {BASE!r}, got {teacher!r}")
 
-    def loss_fn(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int, Any]:
+    def loss_fn(model: nn.Module, batch: dict[str, Any], *,
+                drop_padding_mask: bool = True) -> tuple[torch.Tensor, int, Any]:
         labels = batch["labels"]
         positions = target_positions(model, labels)
         if positions is None:  # ask for all but the last position: contiguous logits, no slicing copy
             positions = torch.arange(labels.shape[1] - 1, device=labels.device)
-        outputs, logits = _logits_at(model, batch, positions)
+        outputs, logits = _logits_at(model, batch, positions, drop_padding_mask)
         with torch.no_grad():
-            _, teacher_logits = _logits_at(teacher, batch, positions)
+            if isinstance(teacher, nn.Module):
+                _, teacher_logits = _logits_at(teacher, batch, positions, drop_padding_mask)
+            else:
+                with adapters_disabled(model):
+                    _, teacher_logits = _logits_at(model, batch, positions, drop_padding_mask)
         s, t = _common_vocab(logits.flatten(0, 1), teacher_logits.flatten(0, 1), vocab_size)
         targets = labels[:, positions + 1].to(s.device).reshape(-1)
         kl, ce = _DistillSums.apply(s, t, targets, temperature, chunk_size)
@@ -155,3 +180,75 @@ def distillation_loss(teacher: nn.Module | None, *, temperature: float = 1.0, di
         outputs.distill_sums = {"kl": kl.detach(), "ce": ce.detach()}
         return distill_weight * temperature ** 2 * kl + lm_weight * ce, int((targets != -100).sum()), outputs
     return loss_fn
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = option(BASE, "base: the model being trained with its adapters switched off (self-distillation; "
+                                "no second copy in memory; needs an adapter method such as lora). Otherwise a "
+                                "built-in name or model folder with the same tokenizer, loaded frozen on the "
+                                "training device in the student's dtype.")
+    temperature: float = option(1.0, "Softening temperature T of both distributions in the KL term.")
+    distill_weight: float = option(1.0, "Weight of T^2 * KL(teacher || student) per target token.")
+    lm_weight: float = option(0.0, "Weight of the next-token cross-entropy on the data per target token.")
+    chunk_size: int = option(256, "Positions whose vocabulary-wide KL/CE temporaries exist at once (memory bound).")
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.temperature <= 0:
+            problems.append(f"temperature: must be > 0, got {self.temperature}")
+        if self.distill_weight < 0 or self.lm_weight < 0 or self.distill_weight + self.lm_weight == 0:
+            problems.append("lm_weight: the weights must be >= 0 and not both 0")
+        if self.chunk_size < 1:
+            problems.append(f"chunk_size: must be >= 1, got {self.chunk_size}")
+        if not str(self.teacher).strip():
+            problems.append(f"teacher: empty; give {BASE!r}, a built-in name or a model folder")
+        return problems
+
+
+@register_objective
+class Distill(Objective):
+    """loss = distill_weight * T^2 * sum_t KL(p_teacher^T || p_student^T) + lm_weight * sum_t CE_t over the target
+    tokens t, normalised by the step's target tokens (see :func:`distillation_loss`)."""
+
+    name = "distill"
+    config_class = DistillConfig
+
+    def __init__(self, config: DistillConfig, teacher: nn.Module | None = None) -> None:
+        super().__init__(config)
+        self.teacher = teacher  # a loaded model; None: load config.teacher in setup() (or use the base)
+        self._loss: Callable[..., tuple[torch.Tensor, int, Any]] | None = None
+
+    def setup(self, model: nn.Module, tokenizer: Any, device: torch.device) -> None:
+        cfg = self.config
+        teacher: nn.Module | str = self.teacher if self.teacher is not None else cfg.teacher
+        if teacher != BASE and isinstance(teacher, str):
+            teacher = self.teacher = _load_teacher(teacher, tokenizer, model, device)
+        self._loss = distillation_loss(teacher, temperature=cfg.temperature, distill_weight=cfg.distill_weight,
+                                       lm_weight=cfg.lm_weight, vocab_size=len(tokenizer) if tokenizer else None,
+                                       chunk_size=cfg.chunk_size)
+
+    def count(self, batch: dict[str, Any]) -> int:
+        return count_targets(batch["labels"])
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], *, drop_padding_mask: bool = False) -> LossOutput:
+        if self._loss is None:
+            raise RuntimeError("call Distill.setup(model, tokenizer, device) before loss()")
+        loss, n, outputs = self._loss(model, batch, drop_padding_mask=drop_padding_mask)
+        sums = getattr(outputs, "distill_sums", {})
+        return LossOutput(loss, n, outputs, {k: float(v) for k, v in sums.items()})
+
+
+def _load_teacher(name: str, tokenizer: Any, student: nn.Module, device: torch.device) -> nn.Module:
+    """The frozen teacher ``name`` on ``device`` in the student's dtype; refused unless it shares the tokenizer."""
+    from lmadapt.models.loading import ModelConfig, load_model
+    from lmadapt.models.vocab import vocabulary_mismatch
+
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(next(student.parameters()).dtype, "fp32")
+    teacher, teacher_tok = load_model(ModelConfig(name_or_path=name, dtype=dtype, device=str(device)))
+    if tokenizer is not None:
+        mismatch = vocabulary_mismatch(tokenizer, teacher_tok)
+        if mismatch:
+            raise ConfigError([f"objective.teacher: {name!r} has another tokenizer than the model being trained "
+                               f"({mismatch}); distillation needs the same vocabulary"])
+    return teacher

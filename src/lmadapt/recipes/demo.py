@@ -68,7 +68,7 @@ def run_demo(output_dir: str = "runs/demo", *, overwrite: bool = False, quick: b
     """Run the demo and return its report (also written to ``output_dir/report.json``)."""
     from lmadapt.api import load
     from lmadapt.decoding.generation import generate
-    from lmadapt.training.run import train
+    from lmadapt.recipes.finetune import train
 
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     split = bbc_news(seed=0, n_test=SPLIT_TEST)

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from torch import nn
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -33,28 +30,22 @@ from lmadapt.data import DataConfig, load_splits
 from lmadapt.errors import LmadaptError
 from lmadapt.fsutil import (
     atomic_dir,
-    atomic_write_json,
     atomic_write_text,
-    check_output_dir,
 )
-from lmadapt.hardware import resolve_precision
 from lmadapt.methods import build_method
 from lmadapt.models.builtins import default_cache_dir, resolve_model_path
 from lmadapt.models.loading import (
     ModelConfig,
     load_model,
     load_tokenizer,
-    resolve_device,
 )
 from lmadapt.models.vocab import vocabulary_mismatch
 from lmadapt.objectives.causal_lm import causal_lm_loss
-from lmadapt.objectives.distill import distillation_loss
-from lmadapt.reporting import plot_loss, read_metrics
-from lmadapt.training.checkpoint import checkpoint_dirs
+from lmadapt.objectives.distill import Distill, DistillConfig, distillation_loss
 from lmadapt.training.config import TrainConfig
-from lmadapt.training.loop import LoopResult, Trainer, to_device
+from lmadapt.training.loop import LoopResult, to_device
 from lmadapt.training.precision import autocast
-from lmadapt.training.run import _batcher, _drop_metrics_after, set_seed
+from lmadapt.training.run import Run, say
 
 INFO_FILE = "lmadapt_helper.json"
 SAME = "tokenizer_from"  # the value of ``teacher`` that means "the tokenizer_from model"
@@ -240,46 +231,49 @@ def make_helper(cfg: HelperConfig | str | Path | dict[str, Any], *, progress: bo
                 resume: bool = False) -> Path:
     """Build, train and save a helper model as ``cfg`` says; returns the saved model folder.
 
-    Order as in ``lmadapt train``: the output folder is checked, the teacher and the data are loaded
-    and validated, and only then is anything written. ``resume=True`` continues from the newest
-    checkpoint in ``output_dir`` (set ``train.save_every`` to leave some).
+    A recipe over the one run (:class:`lmadapt.training.run.Run`): the output folder is checked, the teacher
+    and the data are loaded and validated, and only then is anything written. ``resume=True`` continues from
+    the newest checkpoint in ``output_dir`` (set ``train.save_every`` to leave some).
     """
     cfg = load_helper_config(cfg)  # (re)checks a config built in Python too
-    run_dir = Path(cfg.output_dir)
-    if resume and not checkpoint_dirs(run_dir):
-        raise LmadaptError(f"cannot resume: {run_dir} has no complete checkpoint (set train.save_every > 0)")
-    if not resume:
-        check_output_dir(run_dir, cfg.overwrite)
-    set_seed(cfg.train.seed)
-    device = resolve_device(cfg.device)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=resolve_precision(
-        cfg.train.precision, device)))
+    run = Run.from_environment(cfg.output_dir, cfg.train, cfg.device, overwrite=cfg.overwrite, resume=resume)
+    cfg = dataclasses.replace(cfg, train=run.train)
     source = resolve_model_path(cfg.tokenizer_from)
     tokenizer = load_tokenizer(source)
-    teacher = load_teacher(cfg, tokenizer, device)
+    teacher = load_teacher(cfg, tokenizer, run.device)
     data_cfg = cfg.data
     if cfg.corpus == BBC_CORPUS:
         text = write_bbc_text(default_cache_dir() / "helper-data" / f"{BBC_CORPUS}.jsonl")
         data_cfg = dataclasses.replace(cfg.data, train=[str(text)])
     train_set, val_set, data_report = load_splits(data_cfg, tokenizer)  # raises before anything is written
-    _say(data_report.summary())
-    student = build_student(cfg, tokenizer, teacher).to(device)
-    batcher = _batcher(train_set, cfg, tokenizer)
-    val_batcher = _batcher(val_set, cfg, tokenizer) if val_set is not None and len(val_set) else None
-    _prepare_run_dir(run_dir, cfg, resume)
+    say(data_report.summary(), run.dist)
+    student = build_student(cfg, tokenizer, teacher).to(run.device)
+    batch = dict(max_length=cfg.data.max_length, batching=cfg.data.batching, pad_id=tokenizer.pad_token_id)
+    batcher = run.batcher(train_set, **batch)
+    val_batcher = run.batcher(val_set, **batch) if val_set is not None and len(val_set) else None
+    run.create(cfg)
     probe = val_batcher or batcher
     measure = dict(temperature=cfg.temperature, precision=cfg.train.precision,
                    max_batches=cfg.train.eval_batches or (0 if val_batcher else 4))
-    before = _metrics_before(run_dir, student, teacher, probe, measure)
-    result = _train(cfg, student, teacher, len(tokenizer), batcher, val_batcher, device,
-                    resume=resume, progress=progress)
+    before = run.once(run.path / "metrics_before.json", lambda: _metrics_before(student, teacher, probe, measure))
+    method = build_method({"name": "full"})  # every weight of the student trains
+    method.apply(student)
+    student.config.use_cache = False  # packed position_ids are ignored in train mode otherwise
+    say(f"helper: {sum(p.numel() for p in student.parameters()):,} parameters; "
+        f"teacher {cfg.teacher_name() or '(none)'}", run.dist)
+    objective = Distill(DistillConfig(distill_weight=cfg.distill_weight if teacher is not None else 0.0,
+                                      lm_weight=cfg.lm_weight, temperature=cfg.temperature), teacher=teacher)
+    objective.setup(student, tokenizer, run.device)
+    result = run.fit(student, method, objective, batcher, val_batcher, base_model="lmadapt-helper",
+                     base_fingerprint=None, progress=progress)
+    student.config.use_cache = True
     after = distillation_metrics(student, teacher, probe, **measure)
     info = _helper_info(cfg, data_report, result, before, after, sum(p.numel() for p in student.parameters()))
-    model_dir = _save_helper(student, source, run_dir / "model", info)
-    atomic_write_json(run_dir / "report.json", info)
-    plot_loss(read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png", title="make-helper",
-              ylabel=f"{_loss_name(cfg)} (nats/token)")
-    _say(f"helper model saved to {model_dir}: {info['what']}")
+    model_dir = run.path / "model"
+    if run.dist.is_main:
+        _save_helper(student, source, model_dir, info)
+    run.finish(info, title="make-helper", ylabel=f"{_loss_name(cfg)} (nats/token)")
+    say(f"helper model saved to {model_dir}: {info['what']}", run.dist)
     return model_dir
 
 
@@ -289,52 +283,12 @@ def _loss_name(cfg: HelperConfig) -> str:
     return " + ".join(name for name, on in (("T²·KL(teacher ‖ student)", kl), ("CE", cfg.lm_weight)) if on)
 
 
-def _train(cfg: HelperConfig, student: nn.Module, teacher: nn.Module | None, vocab_size: int, batcher: Any,
-           val_batcher: Any | None, device: torch.device, *, resume: bool, progress: bool) -> LoopResult:
-    """Every weight of the student trains (method ``full``) on the distillation objective, in the one loop."""
-    run_dir = Path(cfg.output_dir)
-    method = build_method({"name": "full"})
-    method.apply(student)
-    student.config.use_cache = False  # packed position_ids are ignored in train mode otherwise
-    _say(f"helper: {sum(p.numel() for p in student.parameters()):,} parameters; "
-         f"teacher {cfg.teacher_name() or '(none)'}")
-    loss_fn = distillation_loss(teacher, temperature=cfg.temperature, distill_weight=cfg.distill_weight,
-                                lm_weight=cfg.lm_weight, vocab_size=vocab_size)
-    trainer = Trainer(student, method, cfg.train, batcher, val_batcher, run_dir, base_model="lmadapt-helper",
-                      base_fingerprint=None, device=device, loss_fn=loss_fn)
-    if resume:
-        where = trainer.resume()
-        _drop_metrics_after(run_dir / "metrics.jsonl", trainer.state["step"])
-        _say(f"resuming from {where} (step {trainer.state['step']} of {trainer.total_steps})")
-    result = trainer.run(progress=progress)
-    student.config.use_cache = True
-    return result
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _prepare_run_dir(run_dir: Path, cfg: HelperConfig, resume: bool) -> None:
-    """A fresh run folder holding the resolved config (a resumed run keeps its folder as it is)."""
-    if resume:
-        return
-    if run_dir.exists() and cfg.overwrite:
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def _metrics_before(run_dir: Path, student: nn.Module, teacher: nn.Module | None, probe: Any,
+def _metrics_before(student: nn.Module, teacher: nn.Module | None, probe: Any,
                     measure: dict[str, Any]) -> dict[str, float]:
-    """Student (at initialisation) and teacher figures on the probe batches, measured once per run folder."""
-    path = run_dir / "metrics_before.json"
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
+    """Student (at initialisation) and teacher figures on the probe batches."""
     before = distillation_metrics(student, teacher, probe, **measure)
     if teacher is not None:
         before["teacher_ce"] = distillation_metrics(teacher, None, probe, **measure)["ce"]
-    atomic_write_json(path, before)
     return before
 
 

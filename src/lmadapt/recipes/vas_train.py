@@ -35,7 +35,6 @@ from lmadapt.errors import LmadaptError
 from lmadapt.fsutil import atomic_write_json, atomic_write_text, check_output_dir
 from lmadapt.methods import (
     Method,
-    ParamGroup,
     build_method,
     config_with_method,
     method_class,
@@ -48,8 +47,8 @@ from lmadapt.models.loading import (
     model_display_name,
 )
 from lmadapt.models.vocab import check_same_tokenizer
+from lmadapt.objectives.base import build_objective
 from lmadapt.objectives.causal_lm import model_inputs
-from lmadapt.objectives.value import value_loss
 from lmadapt.recipes.vas_samples import (
     Sample,
     collect_samples,
@@ -62,7 +61,8 @@ from lmadapt.recipes.vas_samples import (
 )
 from lmadapt.rewards import Reward, load_reward
 from lmadapt.training.config import TrainConfig
-from lmadapt.training.loop import LoopResult, Trainer
+from lmadapt.training.loop import LoopResult
+from lmadapt.training.run import Run
 
 
 class _RewardBatcher:
@@ -89,49 +89,9 @@ class _RewardBatcher:
         return out
 
 
-class _WithValueHead:
-    """``inner`` (full, lora, freeze) on the backbone, plus the value head, which always trains.
-
-    The registered methods choose parameters among the backbone's modules only, so this wrapper adds the head as
-    an optimizer group of its own (no weight decay) and freezes an untied LM head (unused by a value model). Every
-    other hook (extra_loss, merge, unload, ...) is the inner method's, by delegation.
-    """
-
-    def __init__(self, inner: Method, head_lr_ratio: float = 1.0) -> None:
-        self.inner, self.name, self.head_lr_ratio = inner, f"{inner.name}+value_head", head_lr_ratio
-
-    def __getattr__(self, attr: str) -> Any:
-        if attr == "inner":  # not set yet (e.g. while unpickling)
-            raise AttributeError(attr)
-        return getattr(self.inner, attr)
-
-    def apply(self, model: ValueModel) -> None:
-        self.inner.apply(model)
-        out, inp = model.backbone.get_output_embeddings(), model.backbone.get_input_embeddings()
-        if out is not None and out.weight is not inp.weight:
-            out.weight.requires_grad_(False)
-        model.value_head.requires_grad_(True)
-
-    def parameter_groups(self, model: ValueModel) -> list[ParamGroup]:
-        head = list(model.value_head.parameters())
-        groups = [dataclasses.replace(g, params=[p for p in g.params if all(p is not h for h in head)])
-                  for g in self.inner.parameter_groups(model)]
-        return [g for g in groups if g.params] + [ParamGroup("value_head", head, lr_scale=self.head_lr_ratio,
-                                                             weight_decay=0.0)]
-
-    def adapter_state(self, model: ValueModel) -> dict[str, torch.Tensor]:
-        head = {f"value_head.{k}": v.detach() for k, v in model.value_head.state_dict().items()}
-        return {**{k: v for k, v in self.inner.adapter_state(model).items() if k not in head}, **head}
-
-    def load_adapter_state(self, model: ValueModel, state: dict[str, torch.Tensor]) -> None:
-        model.value_head.load_state_dict({k.removeprefix("value_head."): v for k, v in state.items()
-                                          if k.startswith("value_head.")})
-        self.inner.load_adapter_state(model, {k: v for k, v in state.items() if not k.startswith("value_head.")})
-
-
-def value_method(spec: dict[str, Any] | str, vm: ValueModel, head_lr_ratio: float = 1.0) -> Any:
-    """The method that trains ``vm``: ``spec`` (e.g. {"name": "lora", "r": 16}) on the backbone, plus the head
-    (at ``head_lr_ratio`` times the run's learning rate).
+def value_method(spec: dict[str, Any] | str, vm: ValueModel) -> Method:
+    """The method that trains ``vm``'s backbone: ``spec`` (e.g. {"name": "lora", "r": 16}). The value head is the
+    value objective's (:class:`lmadapt.objectives.value.Value`), which trains it whatever the method selects.
 
     Methods with ``exclude_modules`` (lora) are told to leave the value head and the LM head alone.
     """
@@ -146,7 +106,7 @@ def value_method(spec: dict[str, Any] | str, vm: ValueModel, head_lr_ratio: floa
     if not inner.mergeable:
         raise LmadaptError(f"method {inner.name!r} cannot be merged into the backbone, and value models are saved "
                            f"as plain models; use full, lora or freeze")
-    return _WithValueHead(inner, head_lr_ratio)
+    return inner
 
 
 def _pad_id(vm: ValueModel) -> int:
@@ -158,20 +118,21 @@ def fit_value_model(vm: ValueModel, samples: Sequence[Sample], targets: Sequence
                     run_dir: str | Path, method: dict[str, Any] | str = "full", gamma: float = 1.0,
                     lam: float = 0.95, val: tuple[Sequence[Sample], Sequence[float]] | None = None,
                     head_lr_ratio: float = 1.0, progress: bool = False) -> LoopResult:
-    """Train ``vm`` in place through :class:`lmadapt.training.loop.Trainer` with :func:`value_loss`; ``targets`` are the
-    final rewards (already normalised). The method is merged and unloaded afterwards: ``vm.backbone`` is a
-    plain model again."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Train ``vm`` in place in the one run (:class:`lmadapt.training.run.Run`) with the value objective
+    (TD(lambda), :mod:`lmadapt.objectives.value`); ``targets`` are the final rewards (already normalised). The
+    method is merged and unloaded afterwards: ``vm.backbone`` is a plain model again."""
+    run = Run(Path(run_dir), train, str(vm.device), overwrite=True)
+    run.path.mkdir(parents=True, exist_ok=True)
     pad_id = _pad_id(vm)
-    m = value_method(method, vm, head_lr_ratio)
+    m = value_method(method, vm)
     m.apply(vm)
+    objective = build_objective({"name": "value", "gamma": gamma, "lam": lam, "head_lr_ratio": head_lr_ratio})
+    objective.setup(vm, vm.tokenizer, run.device)
     batcher = _RewardBatcher(samples, targets, batch_size=train.batch_size, pad_id=pad_id, seed=train.seed)
     val_batcher = _RewardBatcher(*val, batch_size=train.batch_size, pad_id=pad_id, seed=train.seed) \
         if val and len(val[0]) else None
-    trainer = Trainer(vm, m, train, batcher, val_batcher, run_dir, base_model=vm.info.get("value_backbone"),
-                      base_fingerprint=None, device=vm.device, loss_fn=value_loss(gamma, lam))
-    result = trainer.run(progress=progress)
+    result = run.fit(vm, m, objective, batcher, val_batcher, base_model=vm.info.get("value_backbone"),
+                     base_fingerprint=None, progress=progress)
     m.merge(vm)
     m.unload(vm)
     vm.requires_grad_(False)

@@ -1,9 +1,11 @@
-"""The one training loop. Every method and objective goes through it; methods change it only via their hooks.
+"""The one training loop. Every method and objective goes through it; they change it only via their hooks.
 
-Read top to bottom: build the optimizer from the method's groups, then for each optimizer step
-collect ``grad_accum`` micro-batches (their order is a pure function of seed, epoch and position, so a
-resumed run sees the same data), add the method's extra loss, clip, step, let the method react,
-log, validate, checkpoint.
+Read top to bottom: build the optimizer from the method's (and the objective's) groups, then for each
+optimizer step collect ``grad_accum`` micro-batches (their order is a pure function of seed, epoch and
+position, so a resumed run sees the same data; under torchrun each rank takes its rows of each), ask the
+objective how many units carry loss in the whole step (summed over the ranks), run each micro-batch's loss
+and the method's extra loss, sum the gradients over the ranks, clip, step, let the method react, log,
+validate, checkpoint. Nothing here assumes a causal shift: counting and the loss are the objective's.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from lmadapt.errors import LmadaptError
 from lmadapt.hardware import choose_threads, resolve_precision, warn_if_slow
 from lmadapt.methods import Method, StepContext
 from lmadapt.models.tree import adapters_disabled
-from lmadapt.objectives.causal_lm import causal_inputs, causal_lm_loss
+from lmadapt.objectives.base import Objective, build_objective
+from lmadapt.objectives.causal_lm import forward_inputs
 from lmadapt.reporting import MetricsLog
 from lmadapt.training.attention import training_attention
 from lmadapt.training.checkpoint import (
@@ -34,6 +36,7 @@ from lmadapt.training.checkpoint import (
     save_checkpoint,
 )
 from lmadapt.training.config import TrainConfig
+from lmadapt.training.distributed import Distributed
 from lmadapt.training.optim import build_optimizer
 from lmadapt.training.precision import autocast, needs_autocast
 from lmadapt.training.schedules import lr_factor
@@ -60,73 +63,101 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 class Trainer:
-    """Runs optimizer steps for one method over one batcher; see the module docstring."""
+    """Runs optimizer steps for one method and one objective over one batcher; see the module docstring.
+
+    ``train_batcher`` plans global micro-batches (``batch_size * world_size`` rows under torchrun); each rank
+    collates its own rows of every one of them.
+    """
 
     def __init__(self, model: nn.Module, method: Method, cfg: TrainConfig, train_batcher: Any,
                  val_batcher: Any | None, run_dir: Path, *, base_model: str | None,
-                 base_fingerprint: str | None, device: torch.device,
-                 loss_fn: Callable = causal_lm_loss) -> None:
+                 base_fingerprint: str | None, device: torch.device, objective: Objective | None = None,
+                 dist: Distributed | None = None) -> None:
         cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
         warn_if_slow(cfg.precision, device, "train.precision")
         self.model, self.method, self.cfg = model, method, cfg
+        self.objective = objective if objective is not None else build_objective(None)
+        self.dist = dist or Distributed()
         self.train_batcher, self.val_batcher = train_batcher, val_batcher
-        self.run_dir, self.device, self.loss_fn = Path(run_dir), device, loss_fn
+        self.run_dir, self.device = Path(run_dir), device
         self.base_model, self.base_fingerprint = base_model, base_fingerprint
-        self.optimizer = build_optimizer(model, method, cfg)
+        # A mask that only marks right padding changes nothing that carries loss, unless some position may
+        # attend to a later one: only when the objective and the method both keep causal attention.
+        self.drop_padding_mask = self.objective.causal_attention and method.causal_attention
+        self.optimizer = self._build_optimizer()
         self.steps_per_epoch = max(1, len(train_batcher) // cfg.grad_accum)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.warmup = cfg.warmup_steps or round(cfg.warmup_ratio * self.total_steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         self.use_autocast = needs_autocast(model, cfg.precision)
-        # tokens: loss-bearing ("useful") tokens; input_tokens: every real (non-padding) token processed
+        # tokens: loss-bearing ("useful") units; input_tokens: every real (non-padding) token processed
         self.state: dict[str, Any] = {"step": 0, "micro": 0, "tokens": 0, "input_tokens": 0, "skipped": 0,
                                       "elapsed": 0.0,
                                       "threads": choose_threads(cfg.threads) if device.type == "cpu" else 0}
         self._plans: dict[int, list] = {}
+
+    def _build_optimizer(self, previous: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
+        return build_optimizer(self.model, self.method, self.cfg, previous=previous, objective=self.objective)
 
     # --- data ----------------------------------------------------------------------------------
     def _micro_batch(self, index: int) -> dict[str, Any]:
         epoch, pos = divmod(index, len(self.train_batcher))
         if epoch not in self._plans:
             self._plans = {epoch: self.train_batcher.batches(epoch)}
-        return self.train_batcher.collate(self._plans[epoch][pos])
+        return self.train_batcher.collate(self.dist.shard(self._plans[epoch][pos]))
 
     # --- resume --------------------------------------------------------------------------------
     def resume(self) -> Path | None:
-        """Continue from the newest complete checkpoint in the run folder, if any."""
+        """Continue from the newest complete checkpoint in the run folder, if any.
+
+        The method's own state is restored first (it may re-establish a trainable set that ``on_step_end``
+        changed), then its tensors and the objective's, then the optimizer is rebuilt from the groups as they
+        are now and its state restored: so a resume after such a change is exact.
+        """
         found = checkpoint_dirs(self.run_dir)
         if not found:
             return None
-        saved = load_checkpoint(found[-1], model=self.model, method=self.method, optimizer=self.optimizer)
+        saved = load_checkpoint(found[-1], model=self.model, method=self.method, objective=self.objective,
+                                rebuild_optimizer=self._build_optimizer)
+        self.optimizer = saved.pop("optimizer")
         self.state.update({k: saved[k] for k in self.state if k in saved})
         return found[-1]
 
     # --- one step ------------------------------------------------------------------------------
     def _step(self) -> tuple[float | None, float]:
         """One optimizer step; returns (mean loss, grad norm) or (None, nan) when skipped."""
-        cfg, model = self.cfg, self.model
+        cfg, model, objective = self.cfg, self.model, self.objective
         micro = [self._micro_batch(self.state["micro"] + i) for i in range(cfg.grad_accum)]
-        n_target = max(1, sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro))
-        self.state["input_tokens"] += sum(int(mb.get("num_tokens", mb["input_ids"].numel())) for mb in micro)
+        counts = [objective.count(mb) for mb in micro]
+        n_step, n_inputs = self.dist.sum(
+            [sum(counts), sum(int(mb.get("num_tokens", mb["input_ids"].numel())) for mb in micro)], self.device)
+        n_step = max(1.0, n_step)
+        self.state["input_tokens"] += int(n_inputs)
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        ctx = None
-        for mb in micro:
+        total, bad, contexts = 0.0, None, []
+        for i, mb in enumerate(micro):
             mb = to_device(mb, self.device)
             with autocast(self.device, cfg.precision, self.use_autocast):
-                loss_sum, n, outputs = self.loss_fn(model, mb)
-                ctx = StepContext(model, mb, self.state["step"], self.total_steps, outputs, self.optimizer,
-                                  _base_logits=lambda mb=mb, o=outputs: self._base_logits(mb, o))
-                loss = loss_sum / n_target
+                out = objective.loss(model, mb, drop_padding_mask=self.drop_padding_mask)
+                ctx = StepContext(model, mb, self.state["step"], self.total_steps, out.outputs, self.optimizer,
+                                  micro_index=i, _base_logits=lambda mb=mb, o=out.outputs: self._base_logits(mb, o))
+                loss = out.loss / n_step
                 extra = self.method.extra_loss(ctx)
                 if extra is not None:
-                    loss = loss + extra * (n / n_target)
+                    loss = loss + extra * (out.count / n_step)
+            ctx.outputs = None  # step-level hooks see every micro-batch's inputs, not its activations
+            contexts.append(ctx)
             if not torch.isfinite(loss):
-                return self._non_finite(f"loss is {loss.item()}")
+                bad = f"loss is {loss.item()}"
+                break
             self.scaler.scale(loss).backward()
             total += loss.item()
-        self.scaler.unscale_(self.optimizer)
+        if self.dist.any(bad is not None, self.device):
+            return self._non_finite(bad or "loss is not finite on another process")
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.dist.sum_gradients(params)
+        total = self.dist.sum([total], self.device)[0]
+        self.scaler.unscale_(self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
@@ -135,13 +166,15 @@ class Trainer:
                            schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio, decay_ratio=cfg.decay_ratio)
         for g in self.optimizer.param_groups:
             g["lr"] = cfg.lr * factor * g["lr_scale"]
-        self.method.before_optimizer_step(ctx)
+        step_ctx = StepContext(model, contexts[-1].batch, self.state["step"], self.total_steps, None,
+                               self.optimizer, micro_index=len(contexts) - 1, micro_batches=contexts)
+        self.method.before_optimizer_step(step_ctx)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.method.after_optimizer_step(ctx)
-        self.state["tokens"] += n_target
-        if self.method.on_step_end(ctx):
-            self.optimizer = build_optimizer(model, self.method, cfg, previous=self.optimizer)
+        self.method.after_optimizer_step(step_ctx)
+        self.state["tokens"] += int(n_step)
+        if self.method.on_step_end(step_ctx):
+            self.optimizer = self._build_optimizer(previous=self.optimizer)
         return total, grad_norm
 
     def _non_finite(self, what: str) -> tuple[None, float]:
@@ -163,25 +196,29 @@ class Trainer:
         positions = getattr(outputs, "logit_positions", None)
         extra = {} if positions is None else {"logits_to_keep": positions}
         with adapters_disabled(self.model):
-            return self.model(**causal_inputs(batch), use_cache=False, **extra).logits
+            return self.model(**forward_inputs(batch, self.drop_padding_mask), use_cache=False, **extra).logits
 
     @torch.no_grad()
     def validate(self) -> float | None:
-        """Mean validation loss per target token."""
+        """Mean validation loss per loss-bearing unit (over every rank's rows)."""
         if self.val_batcher is None:
             return None
         self.model.eval()
-        total, tokens = 0.0, 0
+        total, units = 0.0, 0
         plan = self.val_batcher.batches(0)
         if self.cfg.eval_batches:
             plan = plan[: self.cfg.eval_batches]
         for indices in plan:
-            mb = to_device(self.val_batcher.collate(indices), self.device)
+            rows = self.dist.shard(indices)
+            if not rows:
+                continue
+            mb = to_device(self.val_batcher.collate(rows), self.device)
             with autocast(self.device, self.cfg.precision, self.use_autocast):
-                loss_sum, n, _ = self.loss_fn(self.model, mb)
-            total, tokens = total + float(loss_sum), tokens + n
+                out = self.objective.loss(self.model, mb, drop_padding_mask=self.drop_padding_mask)
+            total, units = total + float(out.loss), units + out.count
+        total, units = self.dist.sum([total, units], self.device)
         self.model.train()
-        return total / max(1, tokens)
+        return total / max(1, units)
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self, progress: bool = True) -> LoopResult:
@@ -200,8 +237,9 @@ class Trainer:
 
     def _run(self, progress: bool) -> LoopResult:
         cfg, state = self.cfg, self.state
-        log = MetricsLog(self.run_dir, tensorboard=cfg.tensorboard)
-        bar = tqdm(total=self.total_steps, initial=state["step"], disable=not progress, unit="step",
+        main = self.dist.is_main
+        log = MetricsLog(self.run_dir, tensorboard=cfg.tensorboard) if main else None
+        bar = tqdm(total=self.total_steps, initial=state["step"], disable=not (progress and main), unit="step",
                    dynamic_ncols=True, desc="training")
         self.model.train()
         history: list[dict[str, Any]] = []
@@ -228,7 +266,7 @@ class Trainer:
                 if loss is None:  # a skipped step has no loss to report
                     del record["loss"]
                     record["skipped"] = True
-                if state["step"] % cfg.log_every == 0 or loss is None:
+                if (state["step"] % cfg.log_every == 0 or loss is None) and log is not None:
                     log.log(record)
                     history.append(record)
                 bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "skip", lr=f"{lr:.2e}",
@@ -237,18 +275,19 @@ class Trainer:
                 at_end = state["step"] == self.total_steps
                 if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or at_end:
                     val_loss = self.validate()
-                    if val_loss is not None:
+                    if val_loss is not None and log is not None:
                         rec = {"step": state["step"], "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
                         log.log(rec)
                         history.append(rec)
                 if cfg.save_every and state["step"] % cfg.save_every == 0 and not at_end:
-                    save_checkpoint(self.run_dir, state["step"], model=self.model, method=self.method,
-                                    optimizer=self.optimizer, trainer_state=dict(state),
-                                    base_model=self.base_model, base_fingerprint=self.base_fingerprint,
-                                    keep_last=cfg.keep_last)
+                    self.dist.main_first(lambda: save_checkpoint(
+                        self.run_dir, state["step"], model=self.model, method=self.method, objective=self.objective,
+                        optimizer=self.optimizer, trainer_state=dict(state), base_model=self.base_model,
+                        base_fingerprint=self.base_fingerprint, keep_last=cfg.keep_last))
         finally:
             bar.close()
-            log.close()
+            if log is not None:
+                log.close()
             self.model.eval()
         return LoopResult(state["step"], state["tokens"], state["input_tokens"], state["elapsed"], last_loss,
                           val_loss, state["skipped"], history)

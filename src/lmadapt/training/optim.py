@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from lmadapt.errors import LmadaptError
-from lmadapt.methods import Method
+from lmadapt.methods import Method, ParamGroup
+from lmadapt.objectives.base import Objective
 from lmadapt.training.config import TrainConfig
 
 
@@ -27,10 +30,24 @@ def check_param_groups(model: nn.Module, groups: list) -> None:
         raise LmadaptError("the method selected no trainable parameters")
 
 
+def training_groups(model: nn.Module, method: Method, objective: Objective | None = None) -> list[ParamGroup]:
+    """The method's parameter groups and the objective's (heads), each parameter in one group: a parameter the
+    objective trains (a value head) is taken out of the method's groups, whatever the method selected."""
+    own = objective.parameter_groups(model) if objective is not None else []
+    if not own:
+        return method.parameter_groups(model)
+    taken = {id(p) for g in own for p in g.params}
+    groups = [dataclasses.replace(g, params=[p for p in g.params if id(p) not in taken])
+              for g in method.parameter_groups(model)]
+    return [g for g in groups if g.params] + own
+
+
 def build_optimizer(model: nn.Module, method: Method, cfg: TrainConfig,
-                    previous: torch.optim.Optimizer | None = None) -> torch.optim.AdamW:
-    """AdamW over the method's groups; state of parameters kept from ``previous`` carries over."""
-    groups = method.parameter_groups(model)
+                    previous: torch.optim.Optimizer | None = None,
+                    objective: Objective | None = None) -> torch.optim.AdamW:
+    """AdamW over the method's and the objective's groups (the one optimizer factory); state of parameters
+    kept from ``previous`` carries over."""
+    groups = training_groups(model, method, objective)
     check_param_groups(model, groups)
     optimizer = torch.optim.AdamW(
         [{"params": g.params, "lr": cfg.lr * g.lr_scale, "lr_scale": g.lr_scale, "name": g.name,

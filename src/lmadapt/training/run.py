@@ -1,7 +1,14 @@
-"""``lmadapt.train`` (:func:`train`): one call from a config to an adapter, a report and a before/after evaluation.
+"""The one run orchestrator: a run folder, the loop, and what every recipe shares.
 
-Order matters for the user's data: the output folder is checked first, the data are validated next,
-and nothing is written until both have passed.
+:class:`Run` does the steps in the order that protects the user's data: the output folder is checked first
+(or, on ``--resume``, that it holds a checkpoint), the inputs are loaded and validated by the caller next, and
+nothing is written until :meth:`Run.create` is called after that. Then the one loop trains
+(:meth:`Run.fit`: precision and device resolved once, here), and :meth:`Run.finish` writes the report and
+the loss plot. Under torchrun only rank 0 writes.
+
+``lmadapt train`` (:func:`train`) composes it as prepare output dir -> load -> data -> method -> objective ->
+trainer -> save -> evaluate -> report; the recipes (helper models, VAS value models, the demo) compose the
+same steps around their own model and data.
 """
 
 from __future__ import annotations
@@ -18,194 +25,128 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from torch import nn
 
-from lmadapt.adapters.format import (
-    check_base,
-    load_adapter_weights,
-    read_adapter_info,
-    save_adapter,
-)
-from lmadapt.config import ConfigError, config_source, option, to_dict
-from lmadapt.data import Batcher, DataConfig, load_splits
+from lmadapt.config import to_dict
+from lmadapt.data import Batcher
 from lmadapt.errors import LmadaptError
-from lmadapt.evaluation.config import EvalConfig
-from lmadapt.evaluation.report import compare_table
-from lmadapt.evaluation.run import evaluate
 from lmadapt.fsutil import atomic_write_json, atomic_write_text, check_output_dir
 from lmadapt.hardware import resolve_precision
-from lmadapt.methods import Method, build_method, config_with_method
-from lmadapt.models.fingerprint import fingerprint
-from lmadapt.models.loading import (
-    ModelConfig,
-    load_model,
-    model_display_name,
-    resolve_device,
-)
-from lmadapt.models.tree import count_parameters
+from lmadapt.methods import Method
+from lmadapt.models.loading import resolve_device
+from lmadapt.objectives.base import Objective
 from lmadapt.reporting import plot_loss, read_metrics
 from lmadapt.training.checkpoint import checkpoint_dirs
 from lmadapt.training.config import TrainConfig
+from lmadapt.training.distributed import Distributed, device_for, from_environment
 from lmadapt.training.loop import LoopResult, Trainer
 
 
-@dataclass
-class RunConfig:
-    model: ModelConfig = option(default_factory=ModelConfig, help="The base model to adapt.")
-    data: DataConfig = option(default_factory=DataConfig, help="Training and validation data.")
-    method: dict[str, Any] = option(default_factory=lambda: {"name": "lora"},
-                                    help="How to adapt: 'name' (lora, full, freeze, ...) plus that method's fields.")
-    train: TrainConfig = option(default_factory=TrainConfig, help="Optimisation and the loop.")
-    evals: list[EvalConfig] = option([], "Evaluations run on the base model before training and on the "
-                                         "adapted model after; their results form the before/after table.")
-    init_adapter: str | None = option(
-        None, "Start from the weights of this adapter folder (lmadapt or PEFT, same method, rank and target "
-              "modules, trained on this base model) instead of a fresh initialisation, e.g. to continue "
-              "training an adapter on new data.")
-    output_dir: str = option("runs/lmadapt", "Run folder: adapter, checkpoints, metrics, report.")
-    overwrite: bool = option(False, "Replace an existing, non-empty output_dir.")
-
-
-def load_run_config(source: str | Path | dict[str, Any] | RunConfig,
-                    overrides: list[str] | dict[str, Any] = ()) -> RunConfig:
-    """A validated :class:`RunConfig` from a YAML path, a dict or a RunConfig, with ``key=value`` overrides.
-
-    Every problem (unknown keys with "did you mean", wrong types, bad values, method fields) is reported
-    in one :class:`ConfigError`.
-    """
-    data, where = config_source(source, overrides)
-    cfg, problems = config_with_method(RunConfig, data, where, default_method={"name": "lora"})
-    if cfg is not None and not cfg.data.train:
-        problems.append("data.train: required to train: give the training files or globs, "
-                        "e.g. data.train=[train.jsonl]")
-    if problems:
-        raise ConfigError(problems, where)
-    return cfg
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    adapter_dir: Path
-    loop: LoopResult
-    evals_before: list[dict[str, Any]] = field(default_factory=list)
-    evals_after: list[dict[str, Any]] = field(default_factory=list)
-    report: dict[str, Any] = field(default_factory=dict)
-
-
 def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (adapter init, data order, dropout)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def say(message: str, dist: Distributed | None = None) -> None:
+    """A progress line on stderr (from rank 0 only under torchrun)."""
+    if dist is None or dist.is_main:
+        print(message, file=sys.stderr, flush=True)
 
 
-def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] | dict[str, Any] = (), *,
-          resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train an adapter as ``config`` says; returns where it went and what was measured.
+@dataclass
+class Run:
+    """One training run in ``path``; see the module docstring for the order of the steps."""
 
-    With ``resume=True`` the run continues from the newest complete checkpoint in ``output_dir``
-    and ends with the same weights as a run that was never interrupted.
-    """
-    cfg = load_run_config(config, overrides)
-    precision = resolve_precision(cfg.train.precision, resolve_device(cfg.model.device))
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
-    run_dir = Path(cfg.output_dir)
-    if resume:
-        if not checkpoint_dirs(run_dir):
-            raise LmadaptError(f"cannot resume: {run_dir} has no complete checkpoint (train.save_every "
-                               f"must be > 0 for a run to leave checkpoints)")
-    else:
-        check_output_dir(run_dir, cfg.overwrite)
-    set_seed(cfg.train.seed)
-    method = build_method(cfg.method)
-    model, tokenizer = load_model(training_model_config(cfg, method))
-    train_set, val_set, data_report = load_splits(cfg.data, tokenizer)  # raises before anything is written
-    _say(data_report.summary())
-    base_name, base_fp = model_display_name(cfg.model), fingerprint(model)
-    batcher = _batcher(train_set, cfg, tokenizer)
-    val_batcher = _batcher(val_set, cfg, tokenizer) if val_set is not None and len(val_set) else None
+    path: Path
+    train: TrainConfig
+    device_spec: str = "auto"
+    overwrite: bool = False
+    resume: bool = False
+    dist: Distributed = field(default_factory=Distributed)
+    device: torch.device = field(init=False)
 
-    if not resume:
-        if run_dir.exists() and cfg.overwrite:
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    evals_before = _evals_before(model, tokenizer, cfg, run_dir)
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self.device = resolve_device(device_for(self.dist, self.device_spec))
+        self.train = dataclasses.replace(self.train, precision=resolve_precision(self.train.precision, self.device))
+        if self.resume and self.overwrite:
+            raise LmadaptError("--resume continues the run in its folder and --overwrite replaces that folder. "
+                               "Choose one.")
+        if self.resume:
+            if not checkpoint_dirs(self.path):
+                raise LmadaptError(f"cannot resume: {self.path} has no complete checkpoint (train.save_every "
+                                   f"must be > 0 for a run to leave checkpoints)")
+        else:
+            check_output_dir(self.path, self.overwrite)
+        set_seed(self.train.seed)
 
-    if method.calibration_batches:
-        plan = batcher.batches(0)[: method.calibration_batches]
-        method.calibrate(model, [batcher.collate(b) for b in plan])
-    method.apply(model)
-    if cfg.init_adapter:
-        info = read_adapter_info(cfg.init_adapter)
-        check_base(info, model, base_fp)
-        load_adapter_weights(model, method, info)
-        _say(f"adapter initialised from {info.path}")
-    model.config.use_cache = False  # packed position_ids are ignored in train mode otherwise
-    trainable, total = count_parameters(model)
-    _say(f"method {method.name}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)")
+    @classmethod
+    def from_environment(cls, path: str | Path, train: TrainConfig, device_spec: str = "auto", *,
+                         overwrite: bool = False, resume: bool = False) -> Run:
+        """A run in this process's place under torchrun (or a single process without it)."""
+        return cls(Path(path), train, device_spec, overwrite, resume, from_environment(device_spec))
 
-    device = next(model.parameters()).device
-    trainer = Trainer(model, method, cfg.train, batcher, val_batcher, run_dir, base_model=base_name,
-                      base_fingerprint=base_fp, device=device)
-    if trainer.state["threads"]:
-        _say(f"{trainer.state['threads']} CPU thread(s) (train.threads; 0 = the cores idle now)")
-    if resume:
-        where = trainer.resume()
-        _drop_metrics_after(run_dir / "metrics.jsonl", trainer.state["step"])
-        _say(f"resuming from {where} (step {trainer.state['step']} of {trainer.total_steps})")
-    result = trainer.run(progress=progress)
+    # --- steps --------------------------------------------------------------------------------
+    def create(self, config: Any) -> None:
+        """Make the run folder and record ``config`` in it (rank 0; a resumed run keeps its folder).
+        Call only after every input has been validated."""
+        if not self.resume and self.dist.is_main:
+            if self.path.exists() and self.overwrite:
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
+        self.dist.barrier()
 
-    adapter_dir = save_adapter(model, method, run_dir / "adapter", base_model=base_name,
-                               base_fingerprint=base_fp, overwrite=True)
-    evals_after = [evaluate(model, tokenizer, e) for e in cfg.evals]
-    records = read_metrics(run_dir / "metrics.jsonl")
-    plot_loss(records, run_dir / "loss.png", title=f"{method.name} on {base_name}")
-    report = _report(cfg, method, data_report, result, evals_before, evals_after, trainable, total, base_fp)
-    atomic_write_json(run_dir / "report.json", report)
-    if cfg.evals:
-        _say(compare_table([(_eval_name(e), b, a) for e, b, a in zip(cfg.evals, evals_before, evals_after)]))
-    _say(f"adapter saved to {adapter_dir}; report {run_dir / 'report.json'}; loss curve {run_dir / 'loss.png'}")
-    return TrainResult(run_dir, adapter_dir, result, evals_before, evals_after, report)
+    def batcher(self, dataset: Any, *, max_length: int, batching: str, pad_id: int | None) -> Batcher:
+        """The batch planner for ``dataset``: global micro-batches of ``batch_size * world_size`` rows."""
+        return make_batcher(dataset, batch_size=self.train.batch_size * self.dist.world_size, max_length=max_length,
+                            batching=batching, pad_id=pad_id, seed=self.train.seed)
 
+    def fit(self, model: nn.Module, method: Method, objective: Objective, train_batcher: Any,
+            val_batcher: Any | None, *, base_model: str | None, base_fingerprint: str | None,
+            progress: bool = True) -> LoopResult:
+        """Train in the one loop, continuing from the newest checkpoint when resuming."""
+        trainer = Trainer(model, method, self.train, train_batcher, val_batcher, self.path, base_model=base_model,
+                          base_fingerprint=base_fingerprint, device=self.device, objective=objective,
+                          dist=self.dist)
+        if trainer.state["threads"]:
+            say(f"{trainer.state['threads']} CPU thread(s) (train.threads; 0 = the cores idle now)", self.dist)
+        if self.resume:
+            where = trainer.resume()
+            if self.dist.is_main:
+                drop_metrics_after(self.path / "metrics.jsonl", trainer.state["step"])
+            say(f"resuming from {where} (step {trainer.state['step']} of {trainer.total_steps})", self.dist)
+        return trainer.run(progress=progress)
 
-def training_model_config(cfg: RunConfig, method: Method) -> ModelConfig:
-    """The model section with ``dtype: auto`` resolved for training.
+    def finish(self, report: dict[str, Any], *, title: str, ylabel: str | None = None) -> None:
+        """Write ``report.json`` and the loss plot ``loss.png`` (rank 0)."""
+        if self.dist.is_main:
+            extra = {} if ylabel is None else {"ylabel": ylabel}
+            plot_loss(read_metrics(self.path / "metrics.jsonl"), self.path / "loss.png", title=title, **extra)
+            atomic_write_json(self.path / "report.json", report)
+        self.dist.barrier()
 
-    bf16 autocast over a frozen base casts every frozen weight to bf16 on every forward; storing the
-    frozen weights in bf16 skips those casts and halves their memory, with the same matmul inputs. A
-    method that trains the base weights keeps them in fp32 (the optimizer's master copy).
-    """
-    if cfg.model.dtype != "auto":
-        return cfg.model
-    frozen_bf16 = cfg.train.precision == "bf16" and not method.trains_base_weights
-    return dataclasses.replace(cfg.model, dtype="bf16" if frozen_bf16 else "fp32")
-
-
-def _batcher(dataset: Any, cfg: RunConfig, tokenizer: Any) -> Batcher:
-    return Batcher(dataset, batch_size=cfg.train.batch_size, max_length=cfg.data.max_length,
-                   packing=cfg.data.batching == "packed", group_by_length=cfg.data.batching == "length_grouped",
-                   pad_id=tokenizer.pad_token_id, seed=cfg.train.seed)
+    def once(self, path: Path, compute: Any) -> Any:
+        """``compute()``'s JSON result, computed once per run folder and kept in ``path`` (a resumed run reuses
+        it): e.g. the base model's evaluations before training."""
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+        result = compute()
+        if self.dist.is_main:
+            atomic_write_json(path, result)
+        return result
 
 
-def _eval_name(e: EvalConfig) -> str:
-    return f"{e.task} ({', '.join(Path(p).name for p in e.data)})"
+def make_batcher(dataset: Any, *, batch_size: int, max_length: int, batching: str, pad_id: int | None,
+                 seed: int) -> Batcher:
+    """The batch planner of a run (``batching``: length_grouped, packed or in order)."""
+    return Batcher(dataset, batch_size=batch_size, max_length=max_length, packing=batching == "packed",
+                   group_by_length=batching == "length_grouped", pad_id=pad_id, seed=seed)
 
 
-def _evals_before(model: Any, tokenizer: Any, cfg: RunConfig, run_dir: Path) -> list[dict[str, Any]]:
-    """Base-model evaluations, computed once per run folder (a resumed run reuses them)."""
-    path = run_dir / "evals_before.json"
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    results = [evaluate(model, tokenizer, e) for e in cfg.evals]
-    atomic_write_json(path, results)
-    return results
-
-
-def _drop_metrics_after(path: Path, step: int) -> None:
+def drop_metrics_after(path: Path, step: int) -> None:
     """A killed run may have logged steps past its last checkpoint; the resumed run logs them again."""
     if not path.is_file():
         return
@@ -213,15 +154,9 @@ def _drop_metrics_after(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
-def _report(cfg: RunConfig, method: Method, data_report: Any, result: LoopResult, before: list, after: list,
-            trainable: int, total: int, base_fp: str) -> dict[str, Any]:
+def loop_report(result: LoopResult) -> dict[str, Any]:
+    """The loop's figures as every run report gives them."""
     return {
-        "model": model_display_name(cfg.model),
-        "base_fingerprint": base_fp,
-        "method": method.name,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "data": to_dict(data_report),
         "steps": result.steps,
         "target_tokens": result.tokens,
         "seconds": round(result.seconds, 2),
@@ -231,6 +166,4 @@ def _report(cfg: RunConfig, method: Method, data_report: Any, result: LoopResult
         "final_train_loss": result.final_loss,
         "final_val_loss": result.val_loss,
         "skipped_steps": result.skipped_steps,
-        "evals": [{"eval": _eval_name(e), "before": b, "after": a}
-                  for e, b, a in zip(cfg.evals, before, after)],
     }

@@ -1,0 +1,91 @@
+"""The objective interface: what the loop minimises, and the registry that finds an objective by name.
+
+An objective is one file that defines a config dataclass and an :class:`Objective` subclass decorated
+with :func:`register_objective`. The loop knows nothing about any particular objective; per micro-batch it
+asks it how many units carry loss (:meth:`Objective.count`, summed over the whole optimizer step, and over
+every process under DDP) and for the summed loss (:meth:`Objective.loss`), and divides the one by the other,
+so every unit weighs the same however the step is split::
+
+    objective = build_objective({"name": "causal_lm"})
+    method.apply(model); objective.setup(model, tokenizer, device)   # load a teacher; its heads train
+    groups += objective.parameter_groups(model)       # heads it trains (value head, classifier)
+    for each micro-batch mb of a step:
+        n_step = sum(objective.count(mb) for mb in step)
+        out = objective.loss(model, mb, drop_padding_mask=...)      # LossOutput(loss_sum, count, outputs)
+        (out.loss / n_step).backward()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lmadapt.methods.base import ParamGroup
+from lmadapt.registry import Registry
+
+
+@dataclass
+class LossOutput:
+    """What one micro-batch's loss is made of."""
+
+    loss: torch.Tensor  # summed over the units the objective counts (not averaged)
+    count: int  # how many units the sum covers (target tokens, states, sequences)
+    outputs: Any = None  # the model's output: ``.logits`` at ``.logit_positions`` (None: every position)
+    metrics: dict[str, float] = field(default_factory=dict)  # detached sums over the same units, for the log
+
+
+class Objective:
+    """Base of all objectives. Subclasses set ``name`` and ``config_class`` and implement :meth:`count`
+    and :meth:`loss`; the other hooks have neutral defaults."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+    # The model attends causally (no position sees a later one). Only then may a right-padding mask be dropped
+    # (the loop also asks every active method, see Method.causal_attention).
+    causal_attention: ClassVar[bool] = True
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def setup(self, model: nn.Module, tokenizer: Any, device: torch.device) -> None:
+        """Prepare before training, after the method is applied (so what the objective trains wins): load a
+        teacher, make the heads the objective trains trainable."""
+
+    def count(self, batch: dict[str, Any]) -> int:
+        """Units of ``batch`` that carry loss (computed before the forward pass, from the batch alone)."""
+        raise NotImplementedError(f"objective {self.name!r} must implement count()")
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], *, drop_padding_mask: bool = False) -> LossOutput:
+        """The loss summed over this micro-batch's units. ``drop_padding_mask``: the loop found that a mask
+        which only marks right padding changes nothing that carries loss (causal attention everywhere)."""
+        raise NotImplementedError(f"objective {self.name!r} must implement loss()")
+
+    def parameter_groups(self, model: nn.Module) -> list[ParamGroup]:
+        """Parameters the objective itself trains (heads), each in exactly one group; none by default."""
+        return []
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Tensors of the parameters in :meth:`parameter_groups`, keyed stably (checkpoints save them)."""
+        return {}
+
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`trainable_state` saved."""
+
+
+OBJECTIVES: Registry[Objective] = Registry("objective", default="causal_lm")
+register_objective = OBJECTIVES.register
+available_objectives = OBJECTIVES.names
+objective_class = OBJECTIVES.get
+objective_problems = OBJECTIVES.problems
+objective_spec = OBJECTIVES.spec
+
+
+def build_objective(spec: dict[str, Any] | Objective | None, **kwargs: Any) -> Objective:
+    """An objective from ``{"name": ..., **fields}`` (validated; raises ConfigError); None: causal LM."""
+    import lmadapt.objectives  # noqa: F401  (registers the built-in objectives)
+
+    return OBJECTIVES.build(OBJECTIVES.normalise(spec), **kwargs)
+

@@ -1,0 +1,178 @@
+"""``lmadapt train`` (:func:`train`): one call from a config to an adapter, a report and a before/after evaluation.
+
+The recipe over the one run (:class:`lmadapt.training.run.Run`): prepare the output folder -> load the model
+-> load and validate the data -> method -> objective -> the loop -> save the adapter -> evaluate -> report.
+Nothing is written until the folder, the config and the data have passed their checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmadapt.adapters.format import (
+    check_base,
+    load_adapter_weights,
+    read_adapter_info,
+    save_adapter,
+)
+from lmadapt.config import ConfigError, config_source, option, to_dict
+from lmadapt.data import DataConfig, load_splits
+from lmadapt.evaluation.config import EvalConfig
+from lmadapt.evaluation.report import compare_table
+from lmadapt.evaluation.run import evaluate
+from lmadapt.methods import Method, build_method
+from lmadapt.methods.registry import METHODS
+from lmadapt.models.fingerprint import fingerprint
+from lmadapt.models.loading import ModelConfig, load_model, model_display_name
+from lmadapt.models.tree import count_parameters
+from lmadapt.objectives.base import OBJECTIVES, build_objective
+from lmadapt.registry import config_with_sections
+from lmadapt.training.config import TrainConfig
+from lmadapt.training.loop import LoopResult
+from lmadapt.training.run import Run, loop_report, make_batcher, say
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = option(default_factory=ModelConfig, help="The base model to adapt.")
+    data: DataConfig = option(default_factory=DataConfig, help="Training and validation data.")
+    method: dict[str, Any] = option(default_factory=lambda: {"name": "lora"},
+                                    help="How to adapt: 'name' (lora, full, freeze, ...) plus that method's fields.")
+    objective: dict[str, Any] = option(
+        default_factory=lambda: {"name": "causal_lm"},
+        help="What to minimise: 'name' (causal_lm, distill, ...) plus that objective's fields. causal_lm: "
+             "next-token loss on the tokens the data marks (SFT or raw text).")
+    train: TrainConfig = option(default_factory=TrainConfig, help="Optimisation and the loop.")
+    evals: list[EvalConfig] = option([], "Evaluations run on the base model before training and on the "
+                                         "adapted model after; their results form the before/after table.")
+    init_adapter: str | None = option(
+        None, "Start from the weights of this adapter folder (lmadapt or PEFT, same method, rank and target "
+              "modules, trained on this base model) instead of a fresh initialisation, e.g. to continue "
+              "training an adapter on new data.")
+    output_dir: str = option("runs/lmadapt", "Run folder: adapter, checkpoints, metrics, report.")
+    overwrite: bool = option(False, "Replace an existing, non-empty output_dir.")
+
+
+def load_run_config(source: str | Path | dict[str, Any] | RunConfig,
+                    overrides: list[str] | dict[str, Any] = ()) -> RunConfig:
+    """A validated :class:`RunConfig` from a YAML path, a dict or a RunConfig, with ``key=value`` overrides.
+
+    Every problem (unknown keys with "did you mean", wrong types, bad values, method and objective fields) is
+    reported in one :class:`ConfigError`.
+    """
+    data, where = config_source(source, overrides)
+    cfg, problems = config_with_sections(RunConfig, data, where, {
+        "method": (METHODS, {"name": "lora"}), "objective": (OBJECTIVES, {"name": "causal_lm"})})
+    if cfg is not None and not cfg.data.train:
+        problems.append("data.train: required to train: give the training files or globs, "
+                        "e.g. data.train=[train.jsonl]")
+    if problems:
+        raise ConfigError(problems, where)
+    return cfg
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    loop: LoopResult
+    evals_before: list[dict[str, Any]] = field(default_factory=list)
+    evals_after: list[dict[str, Any]] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] | dict[str, Any] = (), *,
+          resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train an adapter as ``config`` says; returns where it went and what was measured.
+
+    With ``resume=True`` the run continues from the newest complete checkpoint in ``output_dir``
+    and ends with the same weights as a run that was never interrupted. Under torchrun every process
+    calls this; rank 0 writes.
+    """
+    cfg = load_run_config(config, overrides)
+    run = Run.from_environment(cfg.output_dir, cfg.train, cfg.model.device, overwrite=cfg.overwrite, resume=resume)
+    cfg = dataclasses.replace(cfg, train=run.train)  # precision resolved: config.yaml records the choice
+    method, objective = build_method(cfg.method), build_objective(cfg.objective)
+    model, tokenizer = load_model(dataclasses.replace(training_model_config(cfg, method), device=str(run.device)))
+    tokenizer = method.prepare(model, tokenizer)
+    train_set, val_set, data_report = load_splits(cfg.data, tokenizer)  # raises before anything is written
+    say(data_report.summary(), run.dist)
+    base_name, base_fp = model_display_name(cfg.model), fingerprint(model)
+    batch = dict(max_length=cfg.data.max_length, batching=cfg.data.batching, pad_id=tokenizer.pad_token_id)
+    batcher = run.batcher(train_set, **batch)
+    val_batcher = run.batcher(val_set, **batch) if val_set is not None and len(val_set) else None
+
+    run.create(cfg)
+    evals_before = run.once(run.path / "evals_before.json",
+                            lambda: _evaluate_all(model, tokenizer, cfg, run, "before"))
+    if method.calibration_batches:
+        plan = batcher.batches(0)[: method.calibration_batches]
+        method.calibrate(model, [batcher.collate(run.dist.shard(b)) for b in plan])
+    method.apply(model)
+    if cfg.init_adapter:
+        info = read_adapter_info(cfg.init_adapter)
+        check_base(info, model, base_fp)
+        load_adapter_weights(model, method, info)
+        say(f"adapter initialised from {info.path}", run.dist)
+    objective.setup(model, tokenizer, run.device)  # after apply: what the objective trains (a head) wins
+    model.config.use_cache = False  # packed position_ids are ignored in train mode otherwise
+    trainable, total = count_parameters(model)
+    say(f"method {method.name}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)",
+        run.dist)
+    result = run.fit(model, method, objective, batcher, val_batcher, base_model=base_name, base_fingerprint=base_fp,
+                     progress=progress)
+
+    adapter_dir = run.path / "adapter"
+    if run.dist.is_main:
+        save_adapter(model, method, adapter_dir, base_model=base_name, base_fingerprint=base_fp, overwrite=True,
+                     **({"tokenizer": tokenizer} if method.changes_tokenizer else {}))
+    evals_after = _evaluate_all(model, tokenizer, cfg, run, "after")
+    report = {"model": base_name, "base_fingerprint": base_fp, "method": method.name, "objective": objective.name,
+              "trainable_parameters": trainable, "total_parameters": total, "data": to_dict(data_report),
+              **loop_report(result),
+              "evals": [{"eval": _eval_name(e), "before": b, "after": a}
+                        for e, b, a in zip(cfg.evals, evals_before, evals_after)]}
+    run.finish(report, title=f"{method.name} on {base_name}")
+    if cfg.evals:
+        say(compare_table([(_eval_name(e), b, a) for e, b, a in zip(cfg.evals, evals_before, evals_after)]),
+            run.dist)
+    say(f"adapter saved to {adapter_dir}; report {run.path / 'report.json'}; loss curve {run.path / 'loss.png'}",
+        run.dist)
+    return TrainResult(run.path, adapter_dir, result, evals_before, evals_after, report)
+
+
+def training_model_config(cfg: RunConfig, method: Method) -> ModelConfig:
+    """The model section with ``dtype: auto`` resolved for training (``cfg.train.precision`` already resolved).
+
+    bf16 autocast over a frozen base casts every frozen weight to bf16 on every forward; storing the
+    frozen weights in bf16 skips those casts and halves their memory, with the same matmul inputs. A
+    method that trains the base weights keeps them in fp32 (the optimizer's master copy).
+    """
+    if cfg.model.dtype != "auto":
+        return cfg.model
+    frozen_bf16 = cfg.train.precision == "bf16" and not method.trains_base_weights
+    return dataclasses.replace(cfg.model, dtype="bf16" if frozen_bf16 else "fp32")
+
+
+def run_batcher(dataset: Any, cfg: RunConfig, tokenizer: Any, world_size: int = 1) -> Any:
+    """The batch planner ``train`` builds for ``dataset`` (global micro-batches under ``world_size`` processes)."""
+    return make_batcher(dataset, batch_size=cfg.train.batch_size * world_size, max_length=cfg.data.max_length,
+                        batching=cfg.data.batching, pad_id=tokenizer.pad_token_id, seed=cfg.train.seed)
+
+
+def _evaluate_all(model: Any, tokenizer: Any, cfg: RunConfig, run: Run, when: str) -> list[dict[str, Any]]:
+    """The run's evaluations, on rank 0 (the others get empty results and wait); each one's per-example
+    predictions go to ``predictions/<i>-<task>-<when>.jsonl`` in the run folder."""
+    results = [{} for _ in cfg.evals]
+    if run.dist.is_main:
+        results = [evaluate(model, tokenizer, e, predictions=run.path / "predictions" / f"{i}-{e.task}-{when}.jsonl")
+                   for i, e in enumerate(cfg.evals)]
+    run.dist.barrier()
+    return results
+
+
+def _eval_name(e: EvalConfig) -> str:
+    return f"{e.task} ({', '.join(Path(p).name for p in e.data)})"
