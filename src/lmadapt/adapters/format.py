@@ -22,6 +22,11 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from lmadapt.adapters.pool import (
+    DEFAULT_ADAPTER,
+    adapter_parameter_names,
+    delete_adapter,
+)
 from lmadapt.errors import AdapterError
 from lmadapt.fsutil import atomic_dir
 from lmadapt.methods import Method, build_method, method_for_peft_type, method_spec
@@ -145,22 +150,42 @@ def check_base(info: AdapterInfo, model: nn.Module, base_fingerprint: str | None
             f"Load the right base model, or pass --force (force=True) to apply it anyway.")
 
 
-def load_adapter(model: nn.Module, path: str | Path, *, base_fingerprint: str | None = None,
-                 force: bool = False) -> Method:
+def load_adapter(model: nn.Module, path: str | Path, *, name: str = DEFAULT_ADAPTER, trainable: bool | None = None,
+                 base_fingerprint: str | None = None, force: bool = False) -> Method:
     """Apply the adapter in ``path`` to ``model`` in place and return its method.
 
-    ``base_fingerprint`` is the fingerprint of ``model``'s base weights (computed here when None);
-    an adapter trained on other weights is refused unless ``force``.
+    ``base_fingerprint`` is the fingerprint of ``model``'s base weights (computed here when None, leaving
+    out the factors of LoRA adapters already loaded); an adapter trained on other weights is refused
+    unless ``force``.
+
+    ``name`` loads a LoRA adapter as a further named adapter of a model that holds others (see
+    :mod:`lmadapt.adapters.pool`): it does not become active, and it is frozen unless ``trainable``
+    (None: only the adapter named "default" trains). When its tensors do not fit, it is removed again.
     """
+    from lmadapt.models.fingerprint import fingerprint
+
     info = read_adapter_info(path)
     if not force:
+        if info.base_fingerprint and base_fingerprint is None:
+            base_fingerprint = fingerprint(model, exclude=adapter_parameter_names(model).__contains__)
         check_base(info, model, base_fingerprint)
     try:
         method = build_method(info.method)
     except Exception as exc:
         raise AdapterError(f"{info.path / CONFIG_NAME}: {exc}") from None
+    named = hasattr(method, "adapter_name")  # methods that can share a model with others (LoRA)
+    if not named and (name != DEFAULT_ADAPTER or trainable is not None):
+        raise AdapterError(f"{info.path}: a {method.name!r} adapter cannot be loaded under a name or as "
+                           f"frozen: only LoRA adapters can share a model; load it on its own")
+    if named:
+        method.adapter_name, method.trainable = name, trainable
     method.apply(model)
-    load_adapter_weights(model, method, info)
+    try:
+        load_adapter_weights(model, method, info)
+    except AdapterError:
+        if named:
+            delete_adapter(model, name)
+        raise
     return method
 
 

@@ -9,6 +9,10 @@ arXiv:2312.03732.
 
 Merge: W = W0 + s B A.  Unmerge: W0 = W - s B A.  The saved adapter uses PEFT's layout
 (``base_model.model.<module>.lora_A.weight``), so PEFT and lmadapt load each other's files.
+
+A model may hold several named LoRA adapters (one :class:`Lora` object per name; the layer is
+:class:`lmadapt.methods.lora_layer.LoraLinear`). The one named ``"default"`` is what training sees;
+further ones are frozen unless asked otherwise. :mod:`lmadapt.adapters.pool` chooses which are active.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmadapt.config import option
+from lmadapt.errors import AdapterError
 from lmadapt.methods.base import Method, ParamGroup
+from lmadapt.methods.lora_layer import DEFAULT_ADAPTER, LoraLinear
 from lmadapt.methods.registry import register
 from lmadapt.models.tree import (
     find_modules,
@@ -66,91 +71,6 @@ class LoraConfig:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
-class LoraLinear(nn.Module):
-    """A linear layer plus a low-rank update. Holds the original ``weight``/``bias`` Parameters under the
-    same names, so the base model's state-dict keys do not change."""
-
-    casts_own_parameters = True  # the fp32 factors run in the activations' dtype (see _factors)
-
-    def __init__(self, base: nn.Linear, cfg: LoraConfig) -> None:
-        super().__init__()
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.bias = base.bias
-        factory = dict(device=base.weight.device, dtype=torch.float32)
-        self.lora_A = nn.Parameter(torch.empty(cfg.r, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, cfg.r, **factory))
-        self.scaling = cfg.scaling
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        self.adapter_enabled = True
-        self.merged = False
-        self._cached: tuple | None = None  # inference-time cast factors, see _factors
-        self.reset_adapter(cfg.init)
-
-    def reset_adapter(self, init: str) -> None:
-        with torch.no_grad():
-            if init == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / self.lora_A.shape[0])
-            else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            if init == "random":
-                nn.init.normal_(self.lora_B, std=0.02)
-            else:
-                self.lora_B.zero_()
-
-    def delta_weight(self) -> torch.Tensor:
-        """s * B A, in fp32."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged == self.adapter_enabled:  # the weight already holds what this call needs
-            return F.linear(x, self.weight, self.bias)
-        # Unmerged and on: add s B A dropout(x). Merged but switched off (adapters_disabled): take s B A x
-        # back out, so the base model's outputs come back without unmerging.
-        h = self.dropout(x) if self.adapter_enabled and self.training else x
-        a, bt = self._factors(x.dtype)
-        out = F.linear(x, self.weight, self.bias)
-        # out + (h A^T) (s B)^T as one GEMM with accumulate: no separate scale and add over the activations
-        low = F.linear(h, a).reshape(-1, a.shape[0])
-        if torch.is_grad_enabled():
-            return torch.addmm(out.reshape(-1, self.out_features), low, bt).view(out.shape)
-        out.view(-1, self.out_features).addmm_(low, bt)  # no autograd: accumulate into the fresh output
-        return out
-
-    def _factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, (s B)^T) in the dtype the adapter runs in (-s B when the adapter is being taken out of a merge).
-
-        The factors are cast to the activations' dtype (an r x d copy), never the activations to the
-        factors' fp32: under autocast that is bf16/fp16; without it, the model's own dtype. Outside
-        autograd (generation, evaluation) the cast factors are cached, (s B)^T contiguous, until the
-        parameters change: decoding one token is a few microseconds of work per layer, so what the
-        adapter costs there is mostly per-call overhead.
-        """
-        device_type = self.lora_A.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-        scale = self.scaling if self.adapter_enabled else -self.scaling
-        if torch.is_grad_enabled():
-            return self.lora_A.to(dtype), (self.lora_B * scale).to(dtype).t()
-        key = (self.lora_A._version, self.lora_B._version, dtype, scale)
-        if self._cached is None or self._cached[0] != key:
-            with torch.no_grad():
-                self._cached = (key, self.lora_A.to(dtype), (self.lora_B * scale).to(dtype).t().contiguous())
-        return self._cached[1], self._cached[2]
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, r={self.lora_A.shape[0]}, scaling={self.scaling:g}"
-
-
-def _restore_linear(module: LoraLinear) -> nn.Linear:
-    plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                      device="meta")
-    plain.weight = module.weight
-    if module.bias is not None:
-        plain.bias = module.bias
-    return plain
-
-
 @register
 class Lora(Method):
     """Low-rank adaptation (Hu et al., arXiv:2106.09685): y = W0 x + s B A x."""
@@ -160,61 +80,87 @@ class Lora(Method):
     peft_type = "LORA"
     mergeable = True
 
+    def __init__(self, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER,
+                 trainable: bool | None = None) -> None:
+        super().__init__(config)
+        self.adapter_name = adapter_name  # which named adapter of the model this method object is
+        self.trainable = trainable  # None: the default adapter trains, further named ones are frozen
+
     def apply(self, model: nn.Module) -> None:
-        freeze_all(model)
-        cfg = self.config
-        targets = find_modules(model, cfg.target_modules, exclude=cfg.exclude_modules)
-        self.module_names = [name for name, _ in targets]
-        for name, linear in targets:
-            replace_module(model, name, LoraLinear(linear, cfg))
+        """Add this adapter to ``model``: the first one also freezes the base; a further one (another name)
+        joins the existing LoRA layers, leaves the other parameters as they are and does not change
+        which adapters are active."""
+        cfg, name = self.config, self.adapter_name
+        existing = [m for _, m in modules_of_type(model, LoraLinear)]
+        if any(name in m.adapter_names for m in existing):
+            raise AdapterError(f"the model already holds a LoRA adapter named {name!r}; delete it first "
+                               f"(lmadapt.adapters.pool.delete_adapter) or load this one under another name")
+        if not existing:
+            freeze_all(model)
+        active = existing[0].active_adapters if existing else (name,)
+        trainable = name == DEFAULT_ADAPTER if self.trainable is None else self.trainable
+        targets = find_modules(model, cfg.target_modules, types=(nn.Linear, LoraLinear), exclude=cfg.exclude_modules)
+        self.module_names = [n for n, _ in targets]
+        for n, module in targets:
+            if isinstance(module, LoraLinear):
+                module.add_adapter(name, cfg, trainable)
+            else:
+                layer = LoraLinear(module, cfg, name, trainable)
+                layer.active_adapters = active
+                replace_module(model, n, layer)
 
     def _layers(self, model: nn.Module) -> list[tuple[str, LoraLinear]]:
-        return list(modules_of_type(model, LoraLinear))
+        """The LoRA layers that hold this adapter."""
+        return [(n, m) for n, m in modules_of_type(model, LoraLinear) if self.adapter_name in m.adapter_names]
+
+    def _factors(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(n, m.factors(self.adapter_name)) for n, m in self._layers(model)]
 
     def parameter_groups(self, model: nn.Module) -> list[ParamGroup]:
-        layers = self._layers(model)
-        a = [m.lora_A for _, m in layers]
-        b = [m.lora_B for _, m in layers]
+        factors = self._factors(model)
+        a = [f.lora_A for _, f in factors]
+        b = [f.lora_B for _, f in factors]
         if self.config.lr_ratio_b == 1.0:
             return [ParamGroup("lora", a + b)]
         return [ParamGroup("lora_A", a), ParamGroup("lora_B", b, lr_scale=self.config.lr_ratio_b)]
 
     def merge(self, model: nn.Module) -> None:
-        with torch.no_grad():
-            for _, m in self._layers(model):
-                if not m.merged:
-                    m.weight += m.delta_weight().to(m.weight.dtype)
-                    m.merged = True
+        """Fold this adapter into the weights; other named adapters stay unmerged and switchable."""
+        for _, m in self._layers(model):
+            m.merge_adapter(self.adapter_name)
 
     def unmerge(self, model: nn.Module) -> None:
-        with torch.no_grad():
-            for _, m in self._layers(model):
-                if m.merged:
-                    m.weight -= m.delta_weight().to(m.weight.dtype)
-                    m.merged = False
+        for _, m in self._layers(model):
+            m.unmerge_adapter(self.adapter_name)
 
     def unload(self, model: nn.Module) -> None:
+        """Remove this adapter (a merged one stays in the weights); a layer left without adapters becomes
+        a plain ``nn.Linear`` again."""
         for name, m in self._layers(model):
-            replace_module(model, name, _restore_linear(m))
+            if m.adapter_names == (self.adapter_name,):
+                replace_module(model, name, m.as_linear())
+            else:
+                m.remove_adapter(self.adapter_name)
 
     def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """This adapter's factors under PEFT's keys, whatever its name in the model."""
         state = {}
-        for name, m in self._layers(model):
-            state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach()
-            state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach()
+        for name, f in self._factors(model):
+            state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = f.lora_A.detach()
+            state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = f.lora_B.detach()
         return state
 
     def load_adapter_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        layers = dict(self._layers(model))
-        expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight" for n in layers for ab in "AB"}
+        factors = dict(self._factors(model))
+        expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight" for n in factors for ab in "AB"}
         missing, unexpected = expected - state.keys(), state.keys() - expected
         if missing or unexpected:
             raise KeyError(_key_mismatch(missing, unexpected))
         with torch.no_grad():
-            for name, m in layers.items():
+            for name, f in factors.items():
                 for ab in "AB":
                     src = state[f"{PEFT_PREFIX}{name}.lora_{ab}.weight"]
-                    dst = getattr(m, f"lora_{ab}")
+                    dst = getattr(f, f"lora_{ab}")
                     if src.shape != dst.shape:
                         raise ValueError(f"{name}.lora_{ab}: saved shape {tuple(src.shape)} != "
                                          f"model's {tuple(dst.shape)} (different base model or rank?)")

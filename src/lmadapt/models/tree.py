@@ -78,11 +78,6 @@ def find_modules(
     return out
 
 
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    """The submodule at dotted path ``name``."""
-    return model.get_submodule(name)
-
-
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put ``new`` at dotted path ``name`` and return the module it replaced.
 
@@ -132,24 +127,25 @@ def _contiguous_head_input(model: nn.Module) -> None:
         head._lmadapt_contiguous_input = True
 
 
-class Switchable:
-    """Mixin-free marker protocol: adapter modules expose ``adapter_enabled: bool``."""
-
-    adapter_enabled: bool = True
-
-
 @contextlib.contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+def adapters_disabled(model: nn.Module, names: Sequence[str] | None = None) -> Iterator[nn.Module]:
     """Run the frozen base model through the same weights: every adapter module is switched off inside.
 
     Used for losses that need the base model's logits (BA-LoRA, self-distillation) and for
     proxy-tuning's anti-expert, without a second copy of the model in memory. Raises when the model has
     no adapter modules at all (plain model, full or partial fine-tuning): the base outputs are gone then.
+
+    ``names`` switches off only those named adapters (modules that hold named adapters expose
+    ``adapter_names`` and a settable ``disabled_adapters``); the others stay as they are.
     """
     if not any(isinstance(getattr(m, "adapter_enabled", None), bool) for m in model.modules()):
         raise LmadaptError("the model has no adapter modules to switch off (a plain model, or a method such as "
                            "full/freeze that trains the base weights themselves), so it cannot give the base "
                            "model's outputs; load the base model separately for them")
+    if names is not None:
+        with _named_adapters_disabled(model, [names] if isinstance(names, str) else list(names)):
+            yield model
+        return
     switched = [m for m in model.modules() if getattr(m, "adapter_enabled", None) is True]
     for m in switched:
         m.adapter_enabled = False
@@ -158,6 +154,25 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m in switched:
             m.adapter_enabled = True
+
+
+@contextlib.contextmanager
+def _named_adapters_disabled(model: nn.Module, names: list[str]) -> Iterator[None]:
+    """Add ``names`` to every holder's ``disabled_adapters`` inside; each holder's own set comes back on exit."""
+    holders = [m for m in model.modules() if isinstance(getattr(m, "disabled_adapters", None), frozenset)]
+    known = {n for m in holders for n in m.adapter_names}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise LmadaptError(f"adapters_disabled: the model holds no adapter named {', '.join(map(repr, unknown))}; "
+                           f"it holds {sorted(known) or 'no named adapters'}")
+    before = [(m, m.disabled_adapters) for m in holders]
+    for m, off in before:
+        m.disabled_adapters = off | set(names)
+    try:
+        yield
+    finally:
+        for m, off in before:
+            m.disabled_adapters = off
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -173,16 +188,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if p.requires_grad:
             trainable += p.numel()
     return trainable, total
-
-
-def base_state_keys(model: nn.Module) -> list[str]:
-    """Parameter and buffer names of the model, as transformers saves them."""
-    return list(model.state_dict().keys())
-
-
-def parameter_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's first floating-point parameter."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
