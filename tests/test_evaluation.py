@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lmadapt.evaluation.tasks as ev
+import lmadapt.evaluation.tasks.generation as ev
 from lmadapt.config import from_dict
 from lmadapt.decoding.generation import (
     encode_prompt,
@@ -28,13 +28,10 @@ from lmadapt.errors import ConfigError, DataError
 from lmadapt.evaluation.config import EvalConfig
 from lmadapt.evaluation.report import compare_table
 from lmadapt.evaluation.run import evaluate
-from lmadapt.evaluation.tasks import (
-    classification_accuracy,
-    generation_accuracy,
-    multiple_choice_accuracy,
-    normalize_answer,
-    perplexity,
-)
+from lmadapt.evaluation.tasks.classification import classification_accuracy
+from lmadapt.evaluation.tasks.generation import generation_accuracy, normalize_answer
+from lmadapt.evaluation.tasks.multiple_choice import multiple_choice_accuracy
+from lmadapt.evaluation.tasks.perplexity import perplexity
 
 TEXTS = ["The cat sat on the mat.", "Hi", "A somewhat longer sentence about language models and data.",
          "x" * 40]
@@ -366,7 +363,8 @@ def test_compare_table_text_and_markdown():
 
 
 def test_with_the_real_data_module(model, tokenizer, tmp_path):
-    pytest.importorskip("lmadapt.data")
+    import lmadapt.data  # noqa: F401  (the real module, not the stub above: this test fails without it)
+
     path = _write(tmp_path / "gen.jsonl", [{"prompt": "Hi", "answer": "x"}, {"prompt": "Hi", "answer": 3}])
     cfg = from_dict(EvalConfig, {"task": "generation", "data": [path]})
     with pytest.raises(DataError, match=r"gen.jsonl:2.*field 'answer'"):

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 from lmadapt.config import option
-
-Task = Literal["perplexity", "generation", "multiple_choice", "classification"]
+from lmadapt.evaluation.registry import get_task, unknown_task_problem
 
 
 @dataclass
 class EvalConfig:
-    task: Task = option(help="perplexity | generation | multiple_choice | classification.")
+    task: str = option(help="The task's name: one of the registered tasks (lmadapt.evaluation.available_tasks(); "
+                            "docs/evaluation.md lists them).")
     data: list[str] = option(help="Evaluation files or globs (JSONL, JSON, CSV, Parquet).")
     text_field: str = option("text", "perplexity: the field holding the text.")
     prompt_field: str = option("prompt", "generation, multiple_choice, classification: the prompt field.")
@@ -22,7 +23,7 @@ class EvalConfig:
     label_field: str = option("label", "classification: the field holding the gold label.")
     labels: list[str] = option([], "classification: candidate labels, scored as written (e.g. ' sport'); "
                                    "empty: the sorted set of labels in the data.")
-    chat: bool = option(False, "Render prompts with the tokenizer's chat template (ignored by perplexity).")
+    chat: bool = option(False, "Render prompts with the tokenizer's chat template (not read by perplexity).")
     system_prompt: str | None = option(None, "System message for chat=True.")
     match: Literal["exact", "normalized"] = option(
         "normalized", "generation: exact (after stripping whitespace) or normalized (lowercase, no punctuation, "
@@ -32,8 +33,18 @@ class EvalConfig:
     batch_size: int = option(4, "Sequences per forward pass (perplexity windows, generation prompts).")
     max_examples: int | None = option(None, "Evaluate only the first N examples (null: all).")
 
+    def field_name(self, key: str) -> str:
+        """The data's name for the task field ``key``: the ``<key>_field`` setting, or ``key`` itself."""
+        return getattr(self, f"{key}_field", key)
+
     def check(self) -> list[str]:
+        """Every problem: an unknown task, a bad value, a setting the task does not read."""
         problems = []
+        unknown = unknown_task_problem(self.task)
+        if unknown:
+            problems.append(unknown)
+        else:
+            problems += self._unread_settings()
         if not self.data:
             problems.append("data: give at least one file or glob")
         for name in ("max_new_tokens", "batch_size"):
@@ -45,4 +56,15 @@ class EvalConfig:
             problems.append(f"max_examples: must be >= 1 or null, got {self.max_examples}")
         if self.labels and len(set(self.labels)) != len(self.labels):
             problems.append(f"labels: duplicates in {self.labels}")
+        return problems
+
+    def _unread_settings(self) -> list[str]:
+        """A problem for each setting changed from its default that the task never reads (it would do nothing)."""
+        reads = get_task(self.task).settings()
+        problems = []
+        for f in dataclasses.fields(self):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if f.name not in reads and getattr(self, f.name) != default:
+                problems.append(f"{f.name}: task {self.task!r} does not read this setting; remove it "
+                                f"(the task reads: {', '.join(sorted(reads))})")
         return problems

@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from transformers import PreTrainedTokenizerBase
+from tqdm.auto import tqdm
 
 from lmadapt.errors import DataError, LmadaptError
-from lmadapt.evaluation.config import EvalConfig, Task
+from lmadapt.evaluation.config import EvalConfig
+from lmadapt.evaluation.registry import get_task
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Example:
+    """One evaluation row: a stable ``id``, where it was read (``file:line``) and the task's fields."""
+
+    id: Any  # the row's "id" field if it has one (not null or ""), else ``source``
+    source: str  # as lmadapt.data.readers names rows: path:LINE (JSONL, CSV), path:item N (JSON), path:row N
+    data: dict[str, Any]  # the task's canonical fields (text, prompt, answer, choices, label, ...)
 
 
 def candidate_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], what: str) -> list[list[int]]:
@@ -19,47 +34,15 @@ def candidate_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str], what: st
     return ids
 
 
-_FIELDS = {"perplexity": ("text",), "generation": ("prompt", "answer"),
-           "multiple_choice": ("prompt", "choices", "answer"), "classification": ("prompt", "label")}
+def string_problem(value: Any, row: Mapping[str, Any] | None = None, cfg: EvalConfig | None = None) -> str | None:
+    """A field check (see :data:`~lmadapt.evaluation.registry.FieldCheck`): the value must be a string."""
+    return None if isinstance(value, str) else f"expected a string, got {type(value).__name__} {value!r:.60}"
 
 
-def _field_problems(task: str, row: dict[str, Any], names: dict[str, str]) -> list[str]:
-    """What is wrong with one example; each problem names the field as it is spelled in the data."""
-    problems = []
-    for key in _FIELDS[task]:
-        name = names.get(key, key)
-        value = row.get(name)
-        if value is None:
-            problem = "missing"
-        elif key in ("text", "prompt", "label"):
-            problem = None if isinstance(value, str) else f"expected a string, got {type(value).__name__} {value!r:.60}"
-        elif key == "choices":
-            ok = isinstance(value, list) and len(value) >= 2 and all(isinstance(c, str) and c for c in value)
-            problem = None if ok else f"expected a list of at least 2 non-empty strings, got {value!r:.80}"
-        else:
-            problem = _answer_problem(task, value, row.get(names.get("choices", "choices")))
-        if problem:
-            problems.append(f"field '{name}': {problem}")
-    return problems
-
-
-def _answer_problem(task: str, value: Any, choices: Any) -> str | None:
-    if task == "generation":
-        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(a, str) for a in value)):
-            return None
-        return f"expected a string or a list of accepted strings, got {value!r:.60}"
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        return f"expected a choice index (0-based) or a choice's text, got {value!r:.60}"
-    if isinstance(choices, list) and isinstance(value, int) and not 0 <= value < len(choices):
-        return f"index {value} is out of range for {len(choices)} choices"
-    if isinstance(choices, list) and isinstance(value, str) and value not in choices:
-        return f"{value!r:.60} is not one of the choices"
-    return None
-
-
-def check_examples(task: Task, examples: list[dict[str, Any]]) -> None:
+def check_examples(task: str, examples: list[dict[str, Any]]) -> None:
     """Raise :class:`DataError` listing every malformed in-memory example (by index and field)."""
-    problems = [f"example {i}: {p}" for i, ex in enumerate(examples) for p in _field_problems(task, ex, {})]
+    spec = get_task(task)
+    problems = [f"example {i}: field '{key}': {p}" for i, ex in enumerate(examples) for key, p in spec.row_problems(ex)]
     if problems:
         raise DataError(problems, hint="Fix these rows of the evaluation data.")
     if not examples:
@@ -67,35 +50,56 @@ def check_examples(task: Task, examples: list[dict[str, Any]]) -> None:
 
 
 def shorten(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else "..." + text[-(limit - 3):]  # the end of a prompt is what matters
+    """``text``, or its last ``limit`` characters after '...' (the end of a prompt is what matters)."""
+    return text if len(text) <= limit else "..." + text[-(limit - 3):]
 
 
-def load_examples(cfg: EvalConfig) -> list[dict[str, Any]]:
-    """The examples of ``cfg.data`` with canonical keys (text, prompt, answer, choices, label).
+def progress_bar(items: Iterable[Any], desc: str, progress: bool | None) -> Any:
+    """tqdm over ``items``; ``progress=None`` shows it only on a terminal."""
+    return tqdm(items, desc=desc, leave=False, disable=None if progress is None else not progress)
+
+
+def load_examples(cfg: EvalConfig) -> list[Example]:
+    """The examples of ``cfg.data`` with the task's canonical field names, each with its id and source.
 
     Raises :class:`DataError` naming ``file:line`` and the field for every malformed row (of the first
-    ``max_examples`` rows) and every row :func:`lmadapt.data.read_records` could not read.
+    ``max_examples`` rows), every row :func:`lmadapt.data.read_records` could not read, and every id used twice.
     """
     from lmadapt.data import (
         read_records,  # lazily: only evaluation from files needs the data module
     )
 
+    task = get_task(cfg.task)
     records, problems = read_records(cfg.data, text_field=cfg.text_field)  # text_field: for .txt files
     records = records[:cfg.max_examples] if cfg.max_examples is not None else records
-    names = {"text": cfg.text_field, "prompt": cfg.prompt_field, "answer": cfg.answer_field,
-             "choices": cfg.choices_field, "label": cfg.label_field}
     problems = list(problems)
-    examples = []
+    examples, seen = [], {}
     for record in records:
-        found = _field_problems(cfg.task, record.data, names)
-        if cfg.task == "classification" and cfg.labels and not found:
-            label = record.data[cfg.label_field]
-            if label not in cfg.labels and label.strip() not in {l.strip() for l in cfg.labels}:
-                found.append(f"field '{cfg.label_field}': {label!r} is not one of the labels {cfg.labels}")
-        problems += [f"{record.source}: {p}" for p in found]
-        examples.append({key: record.data.get(name) for key, name in names.items() if key in _FIELDS[cfg.task]})
+        data = {key: record.data.get(cfg.field_name(key)) for key in task.fields}
+        problems += [f"{record.source}: field '{cfg.field_name(key)}': {p}" for key, p in task.row_problems(data, cfg)]
+        example_id = record.data.get("id")
+        example_id = record.source if example_id is None or example_id == "" else example_id
+        id_problem = _id_problem(example_id, seen)
+        if id_problem:
+            problems.append(f"{record.source}: field 'id': {id_problem}")
+        if _is_id(example_id):
+            seen.setdefault(example_id, record.source)
+        examples.append(Example(example_id, record.source, data))
     if problems:
         raise DataError(problems, hint="Fix these rows of the evaluation data.")
     if not examples:
         raise LmadaptError(f"eval: no examples in {', '.join(cfg.data)}")
     return examples
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
+
+
+def _id_problem(value: Any, seen: dict[Any, str]) -> str | None:
+    """Ids name rows in the predictions file: strings or integers, each used once."""
+    if not _is_id(value):
+        return f"expected a string or an integer, got {value!r:.60}"
+    if value in seen:
+        return f"{value!r:.60} is also the id of {seen[value]}; give every row its own id"
+    return None
