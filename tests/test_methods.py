@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from lmadapt.adapters.format import load_adapter, save_adapter
+from lmadapt.adapters.format import WEIGHTS_NAME, load_adapter, save_adapter
 from lmadapt.errors import LmadaptError
 from lmadapt.methods import (
     Method,
@@ -49,6 +50,9 @@ TRAINS = {
 
 METHODS = available_methods()
 MERGEABLE = [m for m in METHODS if method_class(m).mergeable]
+# merge folds an adapter into the base weights (lora) vs. the trained tensors are the base weights (full, freeze)
+WEIGHT_METHODS = [m for m in METHODS if method_class(m).trains_base_weights]
+MERGEABLE_ADAPTERS = [m for m in MERGEABLE if m not in WEIGHT_METHODS]
 
 
 def ids(seed: int = 0, shape: tuple[int, int] = (2, 12)) -> torch.Tensor:
@@ -184,7 +188,7 @@ def test_partial_training_options(spec: dict, trains: Callable[[str], bool]) -> 
     assert sum(len(g.params) for g in groups) == sum(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", MERGEABLE)
+@pytest.mark.parametrize("name", MERGEABLE_ADAPTERS)
 def test_merged_equals_unmerged_equals_reloaded(name: str, tmp_path: Path) -> None:
     model, method = trained(name)
     unmerged = logits(model)
@@ -206,6 +210,31 @@ def test_merged_equals_unmerged_equals_reloaded(name: str, tmp_path: Path) -> No
     after = model.state_dict()
     for key, value in before.items():
         close(after[key], value, atol=EXACT)
+
+
+@pytest.mark.parametrize("name", WEIGHT_METHODS)
+def test_weight_methods_save_exactly_their_trained_weights_and_merge_as_a_no_op(name: str, tmp_path: Path) -> None:
+    """Methods that train the base weights themselves (full, freeze) promise: the adapter file is exactly the
+    trained weights under their base keys, loading writes them back bit for bit, and merge/unmerge have
+    nothing to fold (every tensor and output stays bit-identical)."""
+    base = tiny_llama().state_dict()
+    model, method = trained(name)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    trained_keys = {k for k in base if TRAINS[name](k)}
+    assert {k for k in base if not torch.equal(state[k], base[k])} == trained_keys  # one step moved all of them
+
+    save_adapter(model, method, tmp_path / "adapter", base_model="tiny", base_fingerprint=base_fingerprint())
+    saved = load_file(tmp_path / "adapter" / WEIGHTS_NAME)
+    assert set(saved) == trained_keys and all(torch.equal(saved[k], state[k]) for k in saved)
+    fresh = tiny_llama()
+    load_adapter(fresh, tmp_path / "adapter")
+    assert all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())
+
+    expected = logits(model)
+    for step in (method.merge, method.merge, method.unmerge):
+        step(model)
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), step.__name__
+        assert torch.equal(logits(model), expected), step.__name__
 
 
 @pytest.mark.parametrize("name", MERGEABLE)

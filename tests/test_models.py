@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,9 +144,19 @@ def test_resolve_device_and_dtype():
 
 # ------------------------------------------------------------------------------------------ fingerprint
 
+def test_fingerprint_is_the_documented_hash_of_names_shapes_and_sampled_bf16_bits():
+    # sha256 over "name:shape;" + the bf16 bits of values 0, 4, 8, ... (ceil(1000/256) = 4), names sorted
+    weights = {"b.weight": torch.linspace(-1, 1, 1000).reshape(10, 100), "a.bias": torch.tensor([0.5, -2.0])}
+    digest = hashlib.sha256()
+    digest.update(b"a.bias:(2,);" + torch.tensor([0.5, -2.0]).to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    sample = torch.linspace(-1, 1, 1000)[::4][:256]
+    digest.update(b"b.weight:(10, 100);" + sample.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    assert fingerprint(weights) == digest.hexdigest()[:16]
+
+
 def test_fingerprint_same_across_dtype_and_input_form(model):
     fp = fingerprint(model)
-    assert len(fp) == 16 and int(fp, 16) >= 0
+    assert re.fullmatch(r"[0-9a-f]{16}", fp)
     assert fingerprint(tiny_llama().to(torch.bfloat16)) == fp
     assert fingerprint(dict(model.named_parameters())) == fp
     assert fingerprint(tiny_llama(seed=1)) != fp
@@ -155,6 +167,18 @@ def test_fingerprint_sees_one_changed_weight(model):
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] += 0.25
     assert fingerprint(model) != fp
+
+
+def test_fingerprint_ignores_what_is_not_a_weight(model):
+    fp = fingerprint(model)
+    model.config.rope_theta = 1234.0  # config, generation settings, buffers and modes are not weights
+    model.generation_config.max_new_tokens = 7
+    buffers = list(model.buffers())  # the rotary inv_freq
+    assert buffers
+    for buffer in buffers:
+        buffer.add_(1.0)
+    model.train()
+    assert fingerprint(model) == fp
 
 
 def test_fingerprint_exclude_ignores_adapter_parameters(model):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -19,8 +18,6 @@ from tokenizers import Tokenizer
 from torch import nn
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from lmadapt.adapters.format import save_adapter
-from lmadapt.cli import main
 from lmadapt.decoding.generation import encode_prompt, generate, seeded, stop_token_ids
 from lmadapt.decoding.steering import (
     ModelTerm,
@@ -32,10 +29,9 @@ from lmadapt.decoding.steering import (
     steer_ids,
     steered_generate,
 )
-from lmadapt.decoding.value_model import ValueModel, save_value_model
+from lmadapt.decoding.value_model import ValueModel
 from lmadapt.errors import LmadaptError
 from lmadapt.methods import build_method
-from lmadapt.models.fingerprint import fingerprint
 from lmadapt.models.tree import adapters_disabled
 from lmadapt.models.vocab import check_vocabularies
 from lmadapt.testing import SPECIAL_TOKENS, tiny_llama, tiny_tokenizer
@@ -392,57 +388,3 @@ def test_sampled_tokens_respect_top_k_and_top_p(trio, tok):
     draws = torch.stack([sample_next(torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log(), 1.0, 0, 0.75)
                          for _ in range(400)])
     assert set(draws.flatten().tolist()) == {0, 1}
-
-
-# --- (10): CLI ---------------------------------------------------------------------------------------------
-@pytest.fixture
-def adapter_dir(tmp_path: Path) -> Path:
-    model = tiny_llama()
-    method = build_method({"name": "lora", "r": 4, "alpha": 8, "init": "random"})
-    method.apply(model)
-    return save_adapter(model, method, tmp_path / "expert", base_model="tiny-llama",
-                        base_fingerprint=fingerprint(tiny_llama()))
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(["generate", *argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_cli_generate_with_proxy_and_vas_options_end_to_end(tiny_model_dir, adapter_dir, capsys, tmp_path):
-    from lmadapt.api import load
-
-    model, tok_, _ = load(str(tiny_model_dir))
-    expert, _, _ = load(str(tiny_model_dir), adapter_dir)
-    d = str(tiny_model_dir)
-    code, out, err = cli(capsys, "--model", d, "--proxy-small-model", d, "--proxy-expert-adapter", str(adapter_dir),
-                         "--proxy-beta", "2", "--expert-chat", "--prompt", "Hi", "--max-new-tokens", "6")
-    assert code == 0, err
-    assert out == steered_generate(model, tok_, ["Hi"], expert=expert, beta=2.0, expert_chat=True,
-                                   max_new_tokens=6)[0] + "\n"
-    code, out, err = cli(capsys, "--model", d, "--proxy-expert", d, "--proxy-anti-expert", d,
-                         "--prompt", "Hi", "--prompt", "Yo", "--max-new-tokens", "4")
-    assert code == 0, err
-    assert out.startswith("### Hi\n" + generate(model, tok_, ["Hi"], max_new_tokens=4)[0])
-    value_dir = save_value_model(ValueModel(tiny_llama(seed=5), tiny_tokenizer()), tmp_path / "value")
-    code, out, err = cli(capsys, "--model", d, "--value-model", str(value_dir), "--value-model", str(value_dir),
-                         "--value-beta", "0", "--value-beta", "0", "--vas-top-k", "3", "--temperature", "1",
-                         "--seed", "2", "--prompt", "Hi", "--max-new-tokens", "6")
-    assert code == 0, err
-    assert out == steered_generate(model, tok_, ["Hi"], top_k=3, temperature=1.0, seed=2, max_new_tokens=6)[0] + "\n"
-
-
-@pytest.mark.parametrize("argv, flag", [
-    (["--proxy-beta", "2"], "--proxy-beta needs an expert"),
-    (["--expert-chat"], "--expert-chat needs an expert"),
-    (["--proxy-expert", "x"], "--proxy-expert and --proxy-anti-expert go together"),
-    (["--proxy-expert-adapter", "x"], "--proxy-expert-adapter needs --proxy-small-model"),
-    (["--proxy-small-model", "x", "--proxy-expert-adapter", "y", "--proxy-expert", "a", "--proxy-anti-expert", "b"],
-     "Choose one"),
-    (["--value-model", "v", "--value-beta", "1", "--value-beta", "2"], "--value-beta was given 2 time"),
-    (["--vas-top-k", "4"], "--vas-top-k needs at least one --value-model"),
-])
-def test_cli_refuses_inconsistent_steering_flags_by_name(capsys, argv, flag):
-    code, _, err = cli(capsys, "--prompt", "Hi", *argv)
-    assert code == 2 and flag in err

@@ -1,8 +1,9 @@
 """lmadapt: adapt pretrained language models to new tasks, domains and languages.
 
 The public API (see :mod:`lmadapt.api`): ``train``, ``load``, ``merge``, ``inspect``, ``evaluate``,
-``generate``, and decoding-time steering ``steered_generate`` / ``proxy_logprobs`` (see
-:mod:`lmadapt.decoding.steering`). Imports are lazy so that ``import lmadapt`` stays cheap.
+``generate``, ``steer`` (generation from model paths, optionally steered), and decoding-time steering of
+loaded models ``steered_generate`` / ``proxy_logprobs`` (see :mod:`lmadapt.decoding.steering`). Imports
+are lazy so that ``import lmadapt`` stays cheap.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "train": "lmadapt.training.run",
-    "load_run_config": "lmadapt.training.run",
-    "RunConfig": "lmadapt.training.run",
+    "train": "lmadapt.recipes.finetune",
+    "load_run_config": "lmadapt.recipes.finetune",
+    "RunConfig": "lmadapt.recipes.finetune",
     "load": "lmadapt.api",
     "merge": "lmadapt.api",
     "inspect": "lmadapt.api",
+    "steer": "lmadapt.api",
     "evaluate": "lmadapt.evaluation.run",
     "generate": "lmadapt.decoding.generation",
     "steered_generate": "lmadapt.decoding.steering",

@@ -38,9 +38,10 @@ class TrainConfig:
         "stop", "On a NaN/inf loss or gradient: stop (keeping the last good checkpoint) or skip that step.")
     tensorboard: bool = option(True, "Also log to TensorBoard when it is installed.")
     cpu_attention: bool = option(
-        True, "On a CPU, train sdpa models with lmadapt's matmul attention (lmadapt.training.attention): 1.5-1.8x "
-              "faster than torch's fused kernel forward+backward, at the cost of keeping the attention "
-              "probabilities for the backward pass. false: the model's own attention.")
+        True, "On a CPU, train sdpa models whose activations are bf16/fp16 with lmadapt's matmul attention "
+              "(lmadapt.training.attention): 1.5-1.8x faster forward+backward than torch's fused bf16 kernel, "
+              "at the cost of keeping the attention probabilities for the backward pass. fp32 activations always "
+              "use sdpa (its fp32 kernel is the faster one). false: the model's own attention.")
     threads: int = option(0, "CPU threads (0: auto, the cores idle when the run starts, or OMP_NUM_THREADS "
                              "when it is set). A resumed run keeps its first count, so it stays bit-exact.")
 
