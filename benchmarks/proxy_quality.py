@@ -62,11 +62,11 @@ def main() -> None:
 
     from lmadapt.api import load
     from lmadapt.decoding.generation import encode_prompt
-    from lmadapt.decoding.steering import (
-        ModelTerm,
+    from lmadapt.decoding.steered_scoring import (
         combine_continuation_logprobs,
         continuation_logprobs,
     )
+    from lmadapt.decoding.steering import ModelTerm
     from lmadapt.evaluation.examples import candidate_ids
     from lmadapt.hardware import choose_threads, resolve_precision
     from lmadapt.models.vocab import check_vocabularies, common_vocab_size

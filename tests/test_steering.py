@@ -19,11 +19,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lmadapt.decoding.generation import encode_prompt, generate, seeded, stop_token_ids
+from lmadapt.decoding.steered_scoring import proxy_logprobs, proxy_score_continuations
 from lmadapt.decoding.steering import (
     ModelTerm,
     ValueTerm,
-    proxy_logprobs,
-    proxy_score_continuations,
     proxy_terms,
     sample_next,
     steer_ids,
@@ -171,7 +170,7 @@ def test_one_pass_of_term_logprobs_gives_every_models_own_scores_and_any_beta(tr
     """The per-term log-probabilities, weighted, reproduce each model's own continuation scores
     (lmadapt.evaluation.score_continuations) and the proxy scores at every beta without another forward."""
     from lmadapt.decoding.scoring import score_continuations
-    from lmadapt.decoding.steering import (
+    from lmadapt.decoding.steered_scoring import (
         combine_continuation_logprobs,
         continuation_logprobs,
     )

@@ -28,7 +28,7 @@ _EXPORTS = {
     "evaluate": "lmadapt.evaluation.run",
     "generate": "lmadapt.decoding.generation",
     "steered_generate": "lmadapt.decoding.steering",
-    "proxy_logprobs": "lmadapt.decoding.steering",
+    "proxy_logprobs": "lmadapt.decoding.steered_scoring",
     "load_adapter": "lmadapt.adapters.format",
     "save_adapter": "lmadapt.adapters.format",
 }

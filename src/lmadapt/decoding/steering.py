@@ -51,7 +51,6 @@ from lmadapt.decoding.generation import (
     seeded,
     stop_token_ids,
 )
-from lmadapt.decoding.scoring import continuation_logits
 from lmadapt.errors import LmadaptError
 from lmadapt.models.tree import adapters_disabled, model_device
 from lmadapt.models.vocab import check_vocabularies, common_vocab_size, logit_width
@@ -173,7 +172,7 @@ class _ValueStream(_Stream):
 
 
 @contextlib.contextmanager
-def _eval_all(models: Sequence[nn.Module]) -> Iterator[None]:
+def eval_all(models: Sequence[nn.Module]) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         for model in {id(m): m for m in models}.values():
             stack.enter_context(eval_mode(model))
@@ -227,7 +226,7 @@ def steer_ids(terms: Sequence[ModelTerm], prompt_ids: list[list[int]], *,
 
     streams = [_Stream(t.model, rows(t), pad_id, max_new_tokens, t.adapters_off) for t in terms]
     vstreams = [_ValueStream(v.model, rows(v), pad_id, max_new_tokens) for v in values]
-    with _eval_all([t.model for t in terms] + [v.model for v in values]):
+    with eval_all([t.model for t in terms] + [v.model for v in values]):
         return _decode(streams, [t.weight for t in terms], vstreams, [v.beta for v in values], vocab,
                        dict(temperature=temperature, top_k=top_k, top_p=top_p), vas_top_k, max_new_tokens,
                        stops, pad_id, on_tokens, trace)
@@ -283,7 +282,7 @@ def _pad_and_stops(tokenizer: PreTrainedTokenizerBase, terms: Sequence[ModelTerm
     return (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops, default=0)), stops
 
 
-def _prepare(base: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], steer: dict[str, Any],
+def prepare_terms(base: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], steer: dict[str, Any],
              expert_tokenizer: PreTrainedTokenizerBase | None, chat: bool, expert_chat: bool | None,
              system_prompt: str | None) -> tuple[list[ModelTerm], int, list[list[int]], list[list[int]] | None]:
     """(terms, vocab size, base prompt ids, expert prompt ids or None when they are the base's)."""
@@ -322,7 +321,7 @@ def steered_generate(base: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
     check_generation_arguments(max_new_tokens, temperature, top_k, top_p, batch_size)
     if vas_top_k < 1:
         raise LmadaptError(f"vas_top_k must be >= 1, got {vas_top_k}")
-    terms, vocab, encoded, expert_encoded = _prepare(
+    terms, vocab, encoded, expert_encoded = prepare_terms(
         base, tokenizer, prompts, dict(expert=expert, anti_expert=anti_expert, beta=beta, experts=experts),
         expert_tokenizer, chat, expert_chat, system_prompt)
     value_terms = [ValueTerm(m, float(b)) for m, b in values]
@@ -345,78 +344,3 @@ def steered_generate(base: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
             if streamer is not None:
                 streamer.end()
     return outputs
-
-
-def proxy_score_continuations(terms: Sequence[ModelTerm], context: list[int], continuations: list[list[int]], *,
-                              expert_context: list[int] | None = None,
-                              vocab_size: int | None = None) -> list[torch.Tensor]:
-    """Per-token ``log softmax(sum_j w_j log pi_j)(c_t | context, c_<t)`` of each continuation (float64, CPU).
-
-    Teacher-forced, the same per-token renormalised scores as the decoder's; the counterpart of
-    :func:`lmadapt.decoding.scoring.score_continuations` for steered models. Each term's model runs the context
-    once and all continuations from its KV cache (:func:`continuation_logprobs`).
-    """
-    per_term = continuation_logprobs(terms, context, continuations, expert_context=expert_context,
-                                     vocab_size=vocab_size)
-    return combine_continuation_logprobs(per_term, [t.weight for t in terms], continuations)
-
-
-def continuation_logprobs(terms: Sequence[ModelTerm], context: list[int], continuations: list[list[int]], *,
-                          expert_context: list[int] | None = None,
-                          vocab_size: int | None = None) -> list[torch.Tensor]:
-    """For each term, the (continuations, longest, vocab) fp32 log-probabilities its model gives at every
-    continuation position (position t predicts token t), unweighted, on the first term's device.
-
-    They do not depend on the weights: :func:`combine_continuation_logprobs` turns them into steered scores
-    for any weights, so several values of beta cost one pass of each model.
-    """
-    if not context or (expert_context is not None and not expert_context):
-        raise LmadaptError("proxy_score_continuations: the context is empty; a first token needs something to follow")
-    if not continuations or any(not c for c in continuations):
-        raise LmadaptError("proxy_score_continuations: a continuation tokenizes to no tokens")
-    vocab = vocab_size or min(logit_width(t.model) for t in terms)
-    device = model_device(terms[0].model)
-    with _eval_all([t.model for t in terms]):
-        return [_term_continuation_logprobs(t, expert_context if t.expert_prompt and expert_context is not None
-                                            else context, continuations, vocab).to(device) for t in terms]
-
-
-def combine_continuation_logprobs(per_term: Sequence[torch.Tensor], weights: Sequence[float],
-                                  continuations: list[list[int]]) -> list[torch.Tensor]:
-    """Per-token log-probabilities of each continuation under ``softmax(sum_j weights_j per_term_j)`` (float64, CPU)."""
-    total = sum(float(w) * lp.double() for w, lp in zip(weights, per_term))
-    logp = total.log_softmax(-1).cpu()
-    return [logp[i, :len(c)].gather(1, torch.tensor(c)[:, None]).squeeze(1) for i, c in enumerate(continuations)]
-
-
-def _term_continuation_logprobs(term: ModelTerm, context: list[int], continuations: list[list[int]],
-                                vocab: int) -> torch.Tensor:
-    """(continuations, longest, vocab) fp32 log-probabilities of one term's model, from
-    :func:`lmadapt.decoding.scoring.continuation_logits` (the context once, the continuations from its cache)."""
-    with adapters_disabled(term.model) if term.adapters_off else contextlib.nullcontext():
-        logits = continuation_logits(term.model, context, continuations)
-    if logits is None:
-        raise LmadaptError(f"proxy scoring needs a KV cache that can be repeated per continuation; "
-                           f"{type(term.model).__name__}'s cannot")
-    return logits[..., :vocab].float().log_softmax(-1)
-
-
-def proxy_logprobs(base: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                   continuations: list[str], *, expert: nn.Module | None = None,
-                   anti_expert: nn.Module | None = None, beta: float = 1.0,
-                   experts: Sequence[tuple[nn.Module, nn.Module | None, float]] = (),
-                   expert_tokenizer: PreTrainedTokenizerBase | None = None, chat: bool = False,
-                   expert_chat: bool | None = None, system_prompt: str | None = None) -> list[list[float]]:
-    """For each prompt, the proxy-tuned log-likelihood ``sum_t log p(c_t | x, c_<t)`` of every continuation.
-
-    Classification by label likelihood through proxy-tuning (arXiv:2401.08565) / EFT (arXiv:2310.12962):
-    ``argmax`` over the continuations of a prompt's row. Continuations are tokenized as written, without
-    special tokens, as :mod:`lmadapt.evaluation` does.
-    """
-    terms, vocab, encoded, expert_encoded = _prepare(
-        base, tokenizer, prompts, dict(expert=expert, anti_expert=anti_expert, beta=beta, experts=experts),
-        expert_tokenizer, chat, expert_chat, system_prompt)
-    cont = [list(tokenizer(c, add_special_tokens=False).input_ids) for c in continuations]
-    return [[s.sum().item() for s in proxy_score_continuations(
-        terms, encoded[i], cont, vocab_size=vocab,
-        expert_context=None if expert_encoded is None else expert_encoded[i])] for i in range(len(prompts))]
