@@ -61,7 +61,9 @@ class EvalConfig:
     def _unread_settings(self) -> list[str]:
         """A problem for each setting changed from its default that the task never reads (it would do nothing)."""
         reads = get_task(self.task).settings()
-        problems = []
+        own = {f.name for f in dataclasses.fields(self)}
+        problems = [f"task: {self.task!r} declares settings EvalConfig does not have: {sorted(reads - own)} "
+                    f"(a defect of that task's file)"] if reads - own else []
         for f in dataclasses.fields(self):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             if f.name not in reads and getattr(self, f.name) != default:

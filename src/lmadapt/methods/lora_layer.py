@@ -13,18 +13,48 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmadapt.config import option
 from lmadapt.errors import LmadaptError
 
-if TYPE_CHECKING:
-    from lmadapt.methods.lora import LoraConfig
-
 DEFAULT_ADAPTER = "default"
+
+
+@dataclass
+class LoraConfig:
+    r: int = option(8, "Rank of the update B A.")
+    alpha: float = option(16.0, "Scale numerator: the update is multiplied by alpha/r (alpha/sqrt(r) with rslora).")
+    dropout: float = option(0.0, "Dropout on the adapter's input (training only).")
+    rslora: bool = option(False, "Use the rank-stabilised scale alpha/sqrt(r).")
+    target_modules: list[str] = option(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Linear layers to adapt: trailing dotted names ('q_proj', 'self_attn.q_proj'), 're:<regex>' on "
+        "the full name, or 'all-linear' (every linear layer but the output head).")
+    exclude_modules: list[str] = option([], "Names or 're:' patterns to leave alone among the targets.")
+    init: Literal["default", "gaussian", "random"] = option(
+        "default", "default: A Kaiming-uniform, B = 0 (PEFT's default); gaussian: A ~ N(0, 1/r), B = 0; "
+        "random: B random too (not identity at init; for tests).")
+    lr_ratio_b: float = option(1.0, "Learning-rate multiplier for B relative to A (LoRA+ uses ~16).")
+
+    def check(self) -> list[str]:
+        problems = []
+        if self.r < 1:
+            problems.append(f"r: must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout: must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            problems.append("target_modules: name at least one module, e.g. [q_proj, v_proj] or all-linear")
+        return problems
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
 def _add_factors(holder: nn.Module, in_features: int, out_features: int, cfg: LoraConfig,
