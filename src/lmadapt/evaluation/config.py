@@ -60,10 +60,11 @@ class EvalConfig:
 
     def _unread_settings(self) -> list[str]:
         """A problem for each setting changed from its default that the task never reads (it would do nothing)."""
-        reads = get_task(self.task).settings()
-        own = {f.name for f in dataclasses.fields(self)}
-        problems = [f"task: {self.task!r} declares settings EvalConfig does not have: {sorted(reads - own)} "
-                    f"(a defect of that task's file)"] if reads - own else []
+        task = get_task(self.task)
+        reads = task.settings()
+        unknown = sorted(set(task.reads) - {f.name for f in dataclasses.fields(self)})
+        problems = [f"task: {self.task!r} reads settings EvalConfig does not have: {unknown} (a defect of that "
+                    f"task's file)"] if unknown else []
         for f in dataclasses.fields(self):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             if f.name not in reads and getattr(self, f.name) != default:
