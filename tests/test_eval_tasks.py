@@ -22,7 +22,7 @@ from lmadapt.evaluation import registry
 from lmadapt.evaluation.config import EvalConfig
 from lmadapt.evaluation.examples import string_problem
 from lmadapt.evaluation.predictions import read_predictions
-from lmadapt.evaluation.registry import TASKS, EvalTask, available_tasks, get_task, register_task
+from lmadapt.evaluation.registry import EvalTask, available_tasks, get_task, register_task
 from lmadapt.evaluation.run import evaluate
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"
@@ -203,11 +203,8 @@ def test_a_task_registered_in_one_file_is_validated_evaluated_and_offered_by_the
     with pytest.raises(TypeError, match="already registered"):
         register_task(EvalTask(name="prompt_length", fields={"prompt": string_problem}, run=run))
     register_task(EvalTask(name="other", fields={"prompt": string_problem}, run=run, reads=("temperature",)))
-    try:
-        with pytest.raises(ConfigError, match=r"reads settings EvalConfig does not have: \['temperature'\]"):
-            from_dict(EvalConfig, {"task": "other", "data": [path]})
-    finally:
-        TASKS.pop("other")
+    with pytest.raises(ConfigError, match=r"reads settings EvalConfig does not have: \['temperature'\]"):
+        from_dict(EvalConfig, {"task": "other", "data": [path]})  # (registry.TASKS is this test's copy)
 
 
 def test_unknown_task_names_are_refused_everywhere(capsys):
