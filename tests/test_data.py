@@ -16,12 +16,14 @@ from lmadapt.data import (
     Batcher,
     DataConfig,
     TokenizedDataset,
+    expand_patterns,
     load_dataset,
     load_splits,
     pack_rows,
     read_records,
     render_chat,
 )
+from lmadapt.data.readers import parse_json
 from lmadapt.errors import ConfigError, DataError, LmadaptError
 from lmadapt.testing import tiny_llama, tiny_tokenizer
 
@@ -414,3 +416,91 @@ def test_packing_on_the_conftest_task_fills_rows(train_file, tokenizer):
     total = sum(int(batcher.collate(b)["num_target_tokens"]) for b in batcher.batches(0))
     assert total == report.trainable_tokens
     assert Counter(i for b in batcher.batches(5) for row in b for i in row) == Counter(range(len(train)))
+
+
+# --- input Python's parsers or the tokenizer cannot take ---------------------------------------------
+
+def test_json_too_deep_or_with_a_huge_integer_is_named_by_line():
+    deep = '{"a": ' + "[" * 5000 + "]" * 5000 + "}"
+    assert parse_json(deep) == (None, 6 + 4999, "nested too deeply (5,001 levels)")  # the deepest '['
+    digits_in_a_string = '{"s": "' + "9" * 5000 + '", "n": ' + "7" * 4400 + "}"
+    assert parse_json(digits_in_a_string) == (None, digits_in_a_string.index("7"),
+                                              "number too long (4,400 digits; at most 4,300)")
+    assert parse_json('{"n": ' + "7" * 4300 + ", \"f\": " + "7" * 5000 + ".5}")[2] is None  # floats have no limit
+    assert parse_json('{"a": 1,}') == (None, 8, "not valid JSON (Expecting property name enclosed in double "
+                                                "quotes at column 9)")
+
+
+def test_deep_rows_and_huge_integers_in_jsonl_and_json_files(tmp_path, tokenizer):
+    good = json.dumps({"prompt": "p", "completion": "c"})
+    lines, many = tmp_path / "a.jsonl", tmp_path / "b.json"
+    lines.write_text("\n".join([good, "[" * 3000 + "]" * 3000, '{"n": ' + "1" * 4500 + "}", good]) + "\n")
+    with pytest.raises(DataError) as err:
+        load_splits(_cfg([lines]), tokenizer)
+    assert err.value.problems == [f"{lines}:2: nested too deeply (3,000 levels)",
+                                  f"{lines}:3: number too long (4,500 digits; at most 4,300)"]
+    many.write_text("[\n" + good + ",\n" + '{"n": ' + "1" * 4500 + "}\n]")
+    with pytest.raises(LmadaptError, match=rf"(?s){many}:3: number too long \(4,500 digits; at most 4,300\)"):
+        load_splits(_cfg([many]), tokenizer)
+
+
+def test_escaped_lone_surrogates_are_row_problems(tmp_path, tokenizer):
+    path = tmp_path / "s.jsonl"
+    rows = [{"prompt": "p", "completion": " ok"}, {"prompt": "lone \ud800 here", "completion": " c"},
+            {"prompt": "a pair \ud83d\ude00 is fine", "completion": " \udc80"},
+            {"messages": [{"role": "user", "content": "hi \udfff"}, {"role": "assistant", "content": "yo"}]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")  # json.dumps writes \ud800 escapes
+    with pytest.raises(DataError) as err:
+        load_splits(_cfg([path], format="prompt_completion"), tokenizer)
+    hint = "in JSON, \\ud800-\\udfff escapes must come in high-low pairs"
+    assert err.value.problems[:2] == [f"{path}:2: field 'prompt': contains an unpaired surrogate (U+D800); {hint}",
+                                      f"{path}:3: field 'completion': contains an unpaired surrogate (U+DC80); {hint}"]
+    chat = tmp_path / "c.jsonl"
+    chat.write_text(json.dumps(rows[3]) + "\n")
+    with pytest.raises(DataError) as err:
+        load_splits(_cfg([chat]), tokenizer)
+    assert err.value.problems == [f"{chat}:1: field 'messages[0].content': contains an unpaired surrogate "
+                                  f"(U+DFFF); {hint}"]
+    train, _, report = load_splits(_cfg([path], format="prompt_completion", skip_bad_rows=True), tokenizer)
+    assert (len(train), report.rows_skipped) == (1, 3)
+    with pytest.raises(ConfigError, match=r"system_prompt: contains an unpaired surrogate \(U\+DCFF\)"):
+        from_dict(DataConfig, {"system_prompt": "x\udcff", "use_chat_template": True})
+
+
+def test_files_without_rows_are_named(tmp_path, tokenizer):
+    empty, blank, header, array = (tmp_path / n for n in ("e.jsonl", "b.jsonl", "h.csv", "a.json"))
+    empty.write_bytes(b"")
+    blank.write_bytes(b"\n  \n\r\n")
+    header.write_text("prompt,completion\n")
+    array.write_text("[]")
+    with pytest.raises(LmadaptError) as err:
+        load_splits(_cfg([empty, blank, header, array]), tokenizer)
+    why = "holds no rows (the file is empty or blank, a CSV header only, or an empty JSON array)"
+    listed = "".join(f"  - {path}: {why}\n" for path in (empty, blank, header, array))
+    assert str(err.value) == f"data.train: no rows to train on:\n{listed}Add rows to the file(s), or name other files."
+    good = tmp_path / "g.jsonl"
+    write_jsonl(good, make_rows(4))
+    train, _, report = load_splits(_cfg([good, empty]), tokenizer)
+    assert len(train) == 4 and report.empty_files == [str(empty)]
+    assert f"1 file(s) held no rows: {empty}." in report.summary()
+
+
+def test_a_directory_without_data_files_says_so(tmp_path):
+    folder = tmp_path / "data"
+    (folder / "part").mkdir(parents=True)
+    kinds = "no .jsonl/.ndjson/.json/.csv/.parquet/.txt/.md files directly in it"
+    with pytest.raises(ConfigError) as err:
+        expand_patterns([str(folder)])
+    assert err.value.problems == [f"{folder} is a directory with {kinds} (it is empty)"]
+    (folder / "notes.docx").write_text("x")
+    with pytest.raises(ConfigError) as err:
+        expand_patterns([str(folder)])
+    assert err.value.problems == [f"{folder} is a directory with {kinds} (it holds 1 file(s) of other types, "
+                                  f"e.g. notes.docx)"]
+    write_jsonl(folder / "part" / "rows.jsonl", make_rows(2))
+    with pytest.raises(ConfigError) as err:
+        expand_patterns([str(folder)])
+    assert err.value.problems == [f"{folder} is a directory with {kinds}; subfolders are not read (e.g. "
+                                  f"{folder / 'part' / 'rows.jsonl'}): name them, or use a glob such as "
+                                  f"'{folder}/**/*.jsonl'"]
+    assert expand_patterns([f"{folder}/**/*.jsonl"]) == [folder / "part" / "rows.jsonl"]

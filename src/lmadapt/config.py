@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -18,12 +19,26 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 
 from lmadapt.errors import ConfigError
+from lmadapt.yamlfile import YamlValueError, load_yaml_text, read_yaml
+
+__all__ = ["ConfigError", "brief", "config_source", "deep_merge", "describe", "did_you_mean", "from_dict",
+           "option", "parse_overrides", "read_yaml", "to_dict"]
 
 T = TypeVar("T")
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 _MISSING = dataclasses.MISSING
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+
+
+def brief(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` shortened for a message: long strings and big lists are cut (at most ``limit`` chars)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def option(default: Any = _MISSING, help: str = "", *, default_factory: Any = _MISSING) -> Any:
@@ -62,7 +77,7 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if isinstance(value, tp):  # already built, e.g. passed from Python
             return value
         if not isinstance(value, dict):
-            problems.append(f"{key}: expected a section (mapping), got {type(value).__name__} {value!r}")
+            problems.append(f"{key}: expected a section (mapping), got {type(value).__name__} {brief(value)}")
             return None
         return _build(tp, value, key, problems)
     if origin is Literal:
@@ -70,7 +85,7 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if value in allowed:
             return value
         hint = did_you_mean(str(value), [str(a) for a in allowed])
-        problems.append(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}.{hint}")
+        problems.append(f"{key}: {brief(value)} is not one of {', '.join(repr(a) for a in allowed)}.{hint}")
         return None
     if origin in (Union, types.UnionType):
         args = get_args(tp)
@@ -81,7 +96,7 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             out = _convert(value, arg, key, trial)
             if not trial:
                 return out
-        problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {brief(value)}")
         return None
     if origin is list:
         (item_tp,) = get_args(tp)
@@ -89,7 +104,7 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         return [_convert(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(items)]
     if origin is dict:
         if not isinstance(value, dict):
-            problems.append(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+            problems.append(f"{key}: expected a mapping, got {type(value).__name__} {brief(value)}")
             return None
         return dict(value)
     if tp is Any:
@@ -122,7 +137,7 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-    problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {brief(value)}")
     return None
 
 
@@ -184,16 +199,23 @@ def to_dict(obj: Any) -> Any:
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """Turn ``["train.lr=1e-4", "method.r=8"]`` into a nested dict; values are parsed as YAML scalars."""
+    """Turn ``["train.lr=1e-4", "method.r=8"]`` into a nested dict; values are parsed as YAML scalars.
+
+    A value that is not valid YAML is taken as text; one YAML reads but cannot hold (nested too deeply, an
+    integer over Python's digit limit, an impossible date) is a problem naming the override.
+    """
     out: dict[str, Any] = {}
     problems = []
     for pair in pairs:
         if "=" not in pair:
-            problems.append(f"override {pair!r}: expected key=value, e.g. train.lr=1e-4")
+            problems.append(f"override {brief(pair)}: expected key=value, e.g. train.lr=1e-4")
             continue
         key, raw = pair.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = load_yaml_text(raw) if raw != "" else ""
+        except YamlValueError as exc:
+            problems.append(f"override {brief(pair)}: {exc.problem}")
+            continue
         except yaml.YAMLError:
             value = raw
         if isinstance(value, str) and _FLOAT.fullmatch(value):  # YAML 1.1 reads 1e-4 as a string
@@ -203,7 +225,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                problems.append(f"override {pair!r}: {part} is both a value and a section")
+                problems.append(f"override {brief(pair)}: {part} is both a value and a section")
                 break
         else:
             node[parts[-1]] = value
@@ -221,24 +243,6 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with an error that names the file and line on a syntax error."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"config file {path} does not exist"])
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError([f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError([f"{path}: the top level must be a mapping of keys to values"])
-    return data
 
 
 def config_source(source: Any, overrides: typing.Sequence[str] | dict[str, Any] = ()) -> tuple[dict[str, Any], str | None]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Generic, TypeVar
 
-from lmadapt.config import ConfigError, did_you_mean, from_dict, to_dict
+from lmadapt.config import ConfigError, brief, did_you_mean, from_dict, to_dict
 
 T = TypeVar("T")
 
@@ -45,8 +45,12 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> type[T]:
         """The class registered as ``name``; a ConfigError with "did you mean" for unknown names."""
+        if not isinstance(name, str):
+            got = "null" if name is None else f"{type(name).__name__} {brief(name)}"
+            raise ConfigError([f"{self.section}.name: expected a {self.section} name (a string), got {got}. "
+                               f"Available: {', '.join(self.names())}"])
         if name not in self._classes:
-            raise ConfigError([f"{self.section}.name: unknown {self.section} {name!r}."
+            raise ConfigError([f"{self.section}.name: unknown {self.section} {brief(name)}."
                                f"{did_you_mean(str(name), self._classes)} Available: {', '.join(self.names())}"])
         return self._classes[name]
 

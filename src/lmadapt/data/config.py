@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from lmadapt.config import option
+from lmadapt.data.readers import unpaired_surrogate
 
 Format = Literal["auto", "text", "prompt_completion", "instruction", "chat"]
 
@@ -64,6 +65,9 @@ class DataConfig:
                             "prompt_completion and instruction rows.")
         elif self.system_prompt is not None and not self.use_chat_template:
             problems.append("system_prompt: only used with use_chat_template=true.")
+        if isinstance(self.system_prompt, str) and (code := unpaired_surrogate(self.system_prompt)):
+            problems.append(f"system_prompt: contains an unpaired surrogate ({code}), which no tokenizer can "
+                            f"encode (a command-line argument that was not UTF-8?)")
         if self.use_chat_template and self.format == "text":
             problems.append("use_chat_template: has no effect with format=text (raw documents).")
         return problems

@@ -75,6 +75,7 @@ class DataReport:
     trainable_tokens: int = 0
     max_length: int = 0
     skipped: list[str] = field(default_factory=list)
+    empty_files: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """One paragraph for people."""
@@ -82,6 +83,9 @@ class DataReport:
         text = (f"Data ({self.format}): read {self.rows_read:,} rows from {self.files} file(s); "
                 f"{self.train_examples:,} training{val} examples, {self.tokens:,} tokens of which "
                 f"{self.trainable_tokens:,} carry loss.")
+        if self.empty_files:
+            more = ", ..." if len(self.empty_files) > 3 else ""
+            text += f" {len(self.empty_files)} file(s) held no rows: {', '.join(self.empty_files[:3])}{more}."
         if self.rows_skipped:
             text += f" Skipped {self.rows_skipped:,} malformed rows (first: {self.skipped[0]})."
         if self.documents_chunked:
@@ -192,6 +196,10 @@ def _load(cfg: DataConfig, tokenizer: Any, *, train: bool,
     problems: list[str] = []
     examples = {key: _examples(read, key, cfg, problems) for key, read in reads.items()}
     _raise_for_files(reads, problems)
+    if train and not reads["data.train"].rows_read:
+        raise LmadaptError("data.train: no rows to train on:\n" + "".join(
+            f"  - {path}: holds no rows (the file is empty or blank, a CSV header only, or an empty JSON array)\n"
+            for path in reads["data.train"].empty) + "Add rows to the file(s), or name other files.")
     train_ex = examples["data.train"][0] if train else []
     if "data.validation" in examples:
         val_ex = examples["data.validation"][0]
@@ -206,6 +214,7 @@ def _load(cfg: DataConfig, tokenizer: Any, *, train: bool,
         raise DataError(problems)
     report.format = ", ".join(sorted({fmt for _, fmt in examples.values()}))
     report.files = sum(len(read.files) for read in reads.values())
+    report.empty_files = [path for read in reads.values() for path in read.empty]
     report.rows_read = sum(read.rows_read for read in reads.values())
     report.rows_skipped, report.skipped = len(problems), problems[:KEPT_PROBLEMS]
     _count_tokens(report, train_set, val_set)

@@ -16,11 +16,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmadapt.data.config import DataConfig
-from lmadapt.data.readers import Record, type_name
+from lmadapt.data.readers import Record, type_name, unpaired_surrogate
 
 ROLES = ("system", "user", "assistant", "tool")
 INSTRUCTION_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 INSTRUCTION_INPUT_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+def _surrogate_problem(name: str, text: str) -> str | None:
+    """The problem to report when ``text`` (field ``name``) holds a lone surrogate, else None."""
+    code = unpaired_surrogate(text)
+    return None if code is None else (f"field '{name}': contains an unpaired surrogate ({code}); in JSON, "
+                                      f"\\ud800-\\udfff escapes must come in high-low pairs")
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,8 @@ def _string(record: Record, key: str, found: list[str], *, optional: bool = Fals
         return ""
     if not allow_empty and not value.strip():
         found.append(f"field '{key}' is empty")
+    if problem := _surrogate_problem(key, value):
+        found.append(problem)
     return value
 
 
@@ -156,3 +165,5 @@ def _check_turn(turn: Any, name: str, found: list[str]) -> None:
         found.append(f"field '{name}.content': expected a string, got {type_name(content)}")
     elif role == "assistant" and not content.strip() and not turn.get("tool_calls"):
         found.append(f"field '{name}.content' is empty")
+    elif problem := _surrogate_problem(f"{name}.content", content):
+        found.append(problem)

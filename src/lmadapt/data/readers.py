@@ -13,6 +13,8 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 from lmadapt.errors import ConfigError
 
 BOM = b"\xef\xbb\xbf"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class ReadResult:
     row_problems: list[str] = field(default_factory=list)
     file_problems: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)  # files that hold no rows at all
 
     @property
     def rows_read(self) -> int:
@@ -52,6 +56,13 @@ def type_name(value: Any) -> str:
     if isinstance(value, dict):
         return "object"
     return type(value).__name__
+
+
+def unpaired_surrogate(text: str) -> str | None:
+    """The first lone UTF-16 surrogate in ``text`` as 'U+D800', else None. A JSON escape ("\\ud800") or a
+    command-line argument that was not UTF-8 gives one; Python holds it, but no tokenizer can encode it."""
+    match = _SURROGATE.search(text)
+    return f"U+{ord(match.group()):04X}" if match else None
 
 
 def expand_patterns(patterns: str | list[str]) -> list[Path]:
@@ -69,6 +80,9 @@ def expand_patterns(patterns: str | list[str]) -> list[Path]:
             found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         elif path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file())
+            if not any(p.suffix.lower() in READERS for p in found):
+                problems.append(_no_data_files(path, found))
+                continue
         elif path.is_file() and path.suffix.lower() not in READERS:
             problems.append(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(READERS)}")
             continue
@@ -84,12 +98,31 @@ def expand_patterns(patterns: str | list[str]) -> list[Path]:
     return paths
 
 
+def _no_data_files(folder: Path, files: list[Path]) -> str:
+    """Why a directory given as data gives no files, and what to give instead."""
+    problem = f"{folder} is a directory with no {'/'.join(READERS)} files directly in it"
+    nested = next((p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in READERS), None)
+    if nested is not None:
+        return problem + (f"; subfolders are not read (e.g. {nested}): name them, or use a glob such as "
+                          f"'{folder}/**/*{nested.suffix}'")
+    if files:
+        return problem + f" (it holds {len(files)} file(s) of other types, e.g. {files[0].name})"
+    return problem + " (it is empty)"
+
+
 def read_files(patterns: str | list[str], text_field: str = "text") -> ReadResult:
-    """Read every file matched by ``patterns``; plain-text documents go under the key ``text_field``."""
+    """Read every file matched by ``patterns``; plain-text documents go under the key ``text_field``.
+
+    A file that gives neither a row nor a problem (empty, blank lines, a CSV header only) is listed in
+    ``empty``.
+    """
     result = ReadResult()
     for path in expand_patterns(patterns):
+        seen = result.rows_read + len(result.file_problems)
         result.files.append(str(path))
         READERS[path.suffix.lower()](path, result, text_field)
+        if result.rows_read + len(result.file_problems) == seen:
+            result.empty.append(str(path))
     return result
 
 
@@ -121,6 +154,48 @@ def _decode_file(path: Path, raw: bytes) -> tuple[str | None, str | None]:
         return None, f"{path}:{line}: invalid UTF-8 (byte 0x{raw[exc.start]:02x} at column {column})"
 
 
+def parse_json(text: str) -> tuple[Any, int, str | None]:
+    """(value, 0, None), or (None, offset, problem) saying what is wrong at character ``offset`` of ``text``:
+    a syntax error (with its column), nesting too deep for Python's parser, or an integer longer than
+    Python's digit limit (``sys.get_int_max_str_digits()``)."""
+    try:
+        return json.loads(text), 0, None
+    except json.JSONDecodeError as exc:
+        return None, exc.pos, f"not valid JSON ({exc.msg} at column {exc.colno})"
+    except RecursionError:
+        deepest, depth, _, _ = _scan_json(text)
+        return None, deepest, f"nested too deeply ({depth:,} levels)"
+    except ValueError as exc:  # int("7" * 5000) refuses; floats have no such limit
+        _, _, longest, digits = _scan_json(text)
+        limit = sys.get_int_max_str_digits()
+        if 0 < limit < digits:
+            return None, longest, f"number too long ({digits:,} digits; at most {limit:,})"
+        return None, 0, f"not readable as JSON ({exc})"
+
+
+def _scan_json(text: str) -> tuple[int, int, int, int]:
+    """Outside strings: (offset, depth) of the deepest nesting and (offset, length) of the longest run of
+    digits; only used to say where a document Python's parser refused goes wrong."""
+    depth = deepest = deepest_at = run = longest = longest_at = 0
+    in_string = escaped = False
+    for i, char in enumerate(text):
+        if in_string:
+            in_string = escaped or char != '"'
+            escaped = not escaped and char == "\\"
+            continue
+        run = run + 1 if "0" <= char <= "9" else 0
+        if run > longest:
+            longest, longest_at = run, i - run + 1
+        if char in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, deepest_at = depth, i
+        elif char in "]}":
+            depth -= 1
+        in_string = char == '"'
+    return deepest_at, deepest, longest_at, longest
+
+
 def _read_jsonl(path: Path, out: ReadResult, text_field: str) -> None:
     for number, line in enumerate(path.read_bytes().removeprefix(BOM).split(b"\n"), 1):
         if not line.strip():
@@ -130,10 +205,9 @@ def _read_jsonl(path: Path, out: ReadResult, text_field: str) -> None:
         if problem:
             out.row_problems.append(problem)
             continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            out.row_problems.append(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})")
+        obj, _, problem = parse_json(text)
+        if problem:
+            out.row_problems.append(f"{where}: {problem}")
             continue
         if isinstance(obj, dict):
             out.records.append(Record(where, obj))
@@ -146,10 +220,10 @@ def _read_json(path: Path, out: ReadResult, text_field: str) -> None:
     if problem:
         out.file_problems.append(problem)
         return
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        out.file_problems.append(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})")
+    obj, offset, problem = parse_json(text)
+    if problem:
+        line = text.count("\n", 0, offset) + 1
+        out.file_problems.append(f"{path}:{line}: {problem}")
         return
     if isinstance(obj, dict):
         lists = [value for value in obj.values() if isinstance(value, list)]

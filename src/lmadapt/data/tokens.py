@@ -23,6 +23,7 @@ import jinja2
 
 from lmadapt.data.config import DataConfig
 from lmadapt.data.formats import Example
+from lmadapt.data.readers import unpaired_surrogate
 from lmadapt.errors import LmadaptError
 
 IGNORE = -100
@@ -90,6 +91,9 @@ def _tokenize_chat(example: Example, tokenizer: Any) -> tuple[list[int], list[bo
     except (jinja2.TemplateError, TypeError, ValueError, KeyError) as exc:
         raise RowProblem(f"{example.source}: field 'messages': the chat template refused this conversation "
                          f"({exc})") from None
+    if (code := unpaired_surrogate(text)) is not None:  # e.g. in a tool call or a turn's name
+        raise RowProblem(f"{example.source}: field 'messages': the rendered conversation contains an unpaired "
+                         f"surrogate ({code}), which no tokenizer can encode")
     if spans is None:
         raise RowProblem(f"{example.source}: field 'messages': an assistant reply does not appear verbatim in "
                          f"the rendered conversation, so its tokens cannot be found")

@@ -16,7 +16,13 @@ from transformers import PreTrainedTokenizerBase
 from lmadapt.decoding.scoring import Strategy
 from lmadapt.errors import DataError, LmadaptError
 from lmadapt.evaluation.config import EvalConfig
-from lmadapt.evaluation.examples import candidate_ids, check_examples, progress_bar, shorten, string_problem
+from lmadapt.evaluation.examples import (
+    candidate_ids,
+    check_examples,
+    progress_bar,
+    shorten,
+    string_problem,
+)
 from lmadapt.evaluation.ranking import argmax, log_likelihoods
 from lmadapt.evaluation.registry import EvalTask, register_task
 
