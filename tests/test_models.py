@@ -107,6 +107,58 @@ def test_trust_remote_code_false_and_local_only_by_default(tiny_model_dir, monke
     assert all(c["trust_remote_code"] is True for c in calls)
 
 
+def _pickle_only_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "pickled"
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    torch.save(tiny_llama().state_dict(), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+def test_pickle_weights_are_never_opened_unless_allowed(tmp_path, monkeypatch):
+    folder = _pickle_only_folder(tmp_path)
+    opened, real_load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: opened.append(a) or real_load(*a, **kw))
+    with pytest.raises(ModelError) as err:
+        load_model(ModelConfig(name_or_path=str(folder), device="cpu"))
+    assert f"{folder} holds only pytorch_model.bin, a pickle" in str(err.value)
+    assert "model.allow_pickle=true" in str(err.value) and "save_pretrained" in str(err.value)
+    assert opened == []
+
+    model, _ = load_model(ModelConfig(name_or_path=str(folder), device="cpu", allow_pickle=True))
+    assert len(opened) == 1  # transformers read the pickle (with torch.load(weights_only=True))
+    assert torch.equal(_logits(model, IDS), _logits(tiny_llama(), IDS))
+
+
+def test_only_safetensors_are_asked_of_transformers_unless_pickles_are_allowed(tiny_model_dir, monkeypatch):
+    calls = []
+    real = models_loading.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(models_loading.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"))
+    load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", allow_pickle=True))
+    assert [c["use_safetensors"] for c in calls] == [True, None]  # None: transformers prefers safetensors
+
+
+def test_sharded_weights_each_shard_is_checked(tmp_path):
+    folder = tmp_path / "sharded"
+    tiny_llama().save_pretrained(folder, max_shard_size="100KB")
+    tiny_tokenizer().save_pretrained(folder)
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (folder / "model.safetensors.index.json").is_file()
+    model, _ = load_model(ModelConfig(name_or_path=str(folder), device="cpu"))
+    assert torch.equal(_logits(model, IDS), _logits(tiny_llama(), IDS))
+
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match=rf"{re.escape(str(shards[1]))} is truncated or corrupt"):
+        load_model(ModelConfig(name_or_path=str(folder), device="cpu"))
+    shards[1].unlink()
+    with pytest.raises(ModelError, match=rf"{re.escape(str(shards[1]))} is missing \(listed in model.safetensors"):
+        load_model(ModelConfig(name_or_path=str(folder), device="cpu"))
+
+
 def test_display_name(tiny_model_dir, monkeypatch):
     monkeypatch.chdir(tiny_model_dir.parent)
     assert model_display_name(ModelConfig(name_or_path=tiny_model_dir.name)) == str(tiny_model_dir.resolve())

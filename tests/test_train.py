@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,6 +160,40 @@ def test_resume_after_sigkill_ends_with_the_same_weights(run_config, tmp_path):
 def test_resume_without_checkpoint_is_refused(run_config):
     with pytest.raises(LmadaptError, match="no complete checkpoint"):
         train(run_config, resume=True, progress=False)
+
+
+def test_a_damaged_checkpoint_is_reported_before_anything_is_restored(run_config, tmp_path):
+    """Every file of the checkpoint is read before the first is applied: a truncated optimizer state leaves the
+    model's weights, the optimizer and the random generators exactly as they were."""
+    import random
+
+    import numpy as np
+
+    from lmadapt.training.checkpoint import CheckpointError
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    trained = _trainer(run_config, tmp_path / "a", None, save_every=2, max_steps=5)
+    trained.run(progress=False)
+    fresh = _trainer(run_config, tmp_path / "b", None)
+    newest = trained.run_dir / "checkpoints" / "step-0000004"
+    shutil.copytree(trained.run_dir / "checkpoints", fresh.run_dir / "checkpoints")
+    cut = fresh.run_dir / "checkpoints" / newest.name / "optimizer.safetensors"
+    cut.write_bytes(cut.read_bytes()[:-10])
+
+    weights = {n: p.detach().clone() for n, p in fresh.model.named_parameters() if p.requires_grad}
+    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    optimizer = fresh.optimizer
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(cut))} is truncated or corrupt.*step-0000002"):
+        fresh.resume()
+    assert fresh.optimizer is optimizer and fresh.state["step"] == 0
+    for name, before in weights.items():
+        assert torch.equal(dict(fresh.model.named_parameters())[name], before), name
+    assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
+    assert np.array_equal(np.random.get_state()[1], rng[2])
+    lora_b = [n for n in weights if "lora_B" in n]
+    saved = load_file(newest / "adapter" / "adapter_model.safetensors")
+    assert lora_b and all(saved[k].abs().max() > 0 for k in saved if "lora_B" in k)  # restoring would change B
 
 
 def test_cli_end_to_end_train_inspect_merge_generate_eval(run_config, tmp_path, tiny_model_dir):

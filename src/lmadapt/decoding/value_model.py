@@ -16,7 +16,13 @@ from transformers.utils import ModelOutput
 
 from lmadapt.errors import LmadaptError, ModelError
 from lmadapt.fsutil import atomic_dir
-from lmadapt.models.loading import load_tokenizer, resolve_device, resolve_dtype
+from lmadapt.jsonfile import read_json_object
+from lmadapt.models.loading import (
+    check_model_folder,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+)
 
 VALUE_JSON = "lmadapt_value.json"
 
@@ -117,16 +123,21 @@ def load_value_model(path: str | Path, *, dtype: str | torch.dtype | None = None
         what = "does not exist" if not path.exists() else f"lacks {', '.join(missing)}" if path.is_dir() \
             else "is a file"
         raise LmadaptError(f"{path} is not a value model: it {what}{hint}")
-    info = json.loads((path / VALUE_JSON).read_text(encoding="utf-8"))
+    info = read_json_object(path / VALUE_JSON)
+    check_model_folder(path)  # safetensors only, whole, before transformers opens anything
     dev = device if isinstance(device, torch.device) else resolve_device(str(device or "auto"))
-    kwargs: dict[str, Any] = {"local_files_only": True}
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
     if dtype is not None:
         kwargs["dtype"] = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
     try:
         backbone = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"could not load the value model's backbone from {path}: {exc}") from exc
-    head = load_file(str(path / HEAD_FILE))
+    try:
+        head = load_file(str(path / HEAD_FILE))
+    except Exception as exc:  # safetensors raises its own error type for truncated or foreign files
+        raise ModelError(f"{path / HEAD_FILE} is truncated or not safetensors ({exc}); train the value model "
+                         f"again") from None
     vm = ValueModel(backbone.to(dev), load_tokenizer(path), info)
     if head.get("value_head.weight") is None or head["value_head.weight"].shape != vm.value_head.weight.shape:
         raise LmadaptError(f"{path / HEAD_FILE}: expected value_head.weight of shape "

@@ -1,8 +1,9 @@
 """``lmadapt train`` (:func:`train`): one call from a config to an adapter, a report and a before/after evaluation.
 
 The recipe over the one run (:class:`lmadapt.training.run.Run`): prepare the output folder -> load the model
--> load and validate the data -> method -> objective -> the loop -> save the adapter -> evaluate -> report.
-Nothing is written until the folder, the config and the data have passed their checks.
+-> load and validate the data (training, validation, every evaluation's files, the ``init_adapter`` folder)
+-> method -> objective -> the loop -> save the adapter -> evaluate -> report. Nothing is written until the
+folder, the config and all of these inputs have passed their checks.
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from lmadapt.adapters.format import (
+    AdapterInfo,
     check_base,
     load_adapter_weights,
     read_adapter_info,
+    read_adapter_tensors,
     save_adapter,
 )
 from lmadapt.config import ConfigError, config_source, option, to_dict
 from lmadapt.data import DataConfig, load_splits
+from lmadapt.errors import AdapterError
 from lmadapt.evaluation.config import EvalConfig
+from lmadapt.evaluation.examples import load_examples
 from lmadapt.evaluation.report import compare_table
 from lmadapt.evaluation.run import evaluate
 from lmadapt.methods import Method, build_method
@@ -97,10 +102,13 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
     cfg = dataclasses.replace(cfg, train=run.train)  # precision resolved: config.yaml records the choice
     method, objective = build_method(cfg.method), build_objective(cfg.objective)
     model, tokenizer = load_model(dataclasses.replace(training_model_config(cfg, method), device=str(run.device)))
+    base_fp = fingerprint(model)  # before prepare() may resize the vocabulary: loading checks the base as loaded
     tokenizer = method.prepare(model, tokenizer)
     train_set, val_set, data_report = load_splits(cfg.data, tokenizer)  # raises before anything is written
     say(data_report.summary(), run.dist)
-    base_name, base_fp = model_display_name(cfg.model), fingerprint(model)
+    check_eval_data(cfg.evals)
+    base_name = model_display_name(cfg.model)
+    init = read_init_adapter(cfg.init_adapter, method, model, base_fp) if cfg.init_adapter else None
     batch = dict(max_length=cfg.data.max_length, batching=cfg.data.batching, pad_id=tokenizer.pad_token_id)
     batcher = run.batcher(train_set, **batch)
     val_batcher = run.batcher(val_set, **batch) if val_set is not None and len(val_set) else None
@@ -112,11 +120,9 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
         plan = batcher.batches(0)[: method.calibration_batches]
         method.calibrate(model, [batcher.collate(run.dist.shard(b)) for b in plan])
     method.apply(model)
-    if cfg.init_adapter:
-        info = read_adapter_info(cfg.init_adapter)
-        check_base(info, model, base_fp)
-        load_adapter_weights(model, method, info)
-        say(f"adapter initialised from {info.path}", run.dist)
+    if init is not None:
+        load_adapter_weights(model, method, init)
+        say(f"adapter initialised from {init.path}", run.dist)
     objective.setup(model, tokenizer, run.device)  # after apply: what the objective trains (a head) wins
     model.config.use_cache = False  # packed position_ids are ignored in train mode otherwise
     trainable, total = count_parameters(model)
@@ -128,7 +134,7 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
     adapter_dir = run.path / "adapter"
     if run.dist.is_main:
         save_adapter(model, method, adapter_dir, base_model=base_name, base_fingerprint=base_fp, overwrite=True,
-                     **({"tokenizer": tokenizer} if method.changes_tokenizer else {}))
+                     tokenizer=tokenizer if method.changes_tokenizer else None, objective=objective)
     evals_after = _evaluate_all(model, tokenizer, cfg, run, "after")
     report = {"model": base_name, "base_fingerprint": base_fp, "method": method.name, "objective": objective.name,
               "trainable_parameters": trainable, "total_parameters": total, "data": to_dict(data_report),
@@ -142,6 +148,36 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
     say(f"adapter saved to {adapter_dir}; report {run.path / 'report.json'}; loss curve {run.path / 'loss.png'}",
         run.dist)
     return TrainResult(run.path, adapter_dir, result, evals_before, evals_after, report)
+
+
+def check_eval_data(evals: list[EvalConfig]) -> None:
+    """Read every evaluation's examples now, so that a missing file or a bad row stops the run before anything
+    is written rather than after the base model's evaluation (:func:`evaluate` reads them again)."""
+    for i, e in enumerate(evals):
+        try:
+            load_examples(e)
+        except ConfigError as exc:
+            raise ConfigError([f"evals[{i}].data: {p}" for p in exc.problems]) from None
+
+
+def read_init_adapter(path: str | Path, method: Method, model: Any, base_fingerprint: str) -> AdapterInfo:
+    """The ``init_adapter`` folder, read and checked before anything is written: its config and tensors are
+    readable, it holds an adapter of the run's method, and it was trained on this base model.
+
+    Whether its tensors fit the method's rank and target modules is known only once the method is applied
+    (after the base evaluation); :func:`load_adapter_weights` reports that.
+    """
+    try:
+        info = read_adapter_info(path)
+        name = info.method.get("name") if isinstance(info.method, dict) else None
+        if name != method.name:
+            raise AdapterError(f"{info.path} holds a {name!r} adapter, but method.name is {method.name!r}; give "
+                               f"an adapter trained with method {method.name!r}, or set method.name={name}")
+        read_adapter_tensors(info.path)
+        check_base(info, model, base_fingerprint)
+    except AdapterError as exc:
+        raise AdapterError(f"init_adapter: {exc}") from None
+    return info
 
 
 def training_model_config(cfg: RunConfig, method: Method) -> ModelConfig:

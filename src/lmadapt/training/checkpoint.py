@@ -17,15 +17,19 @@ import random
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmadapt.adapters.format import read_adapter_tensors, save_adapter
+from lmadapt.adapters.format import WEIGHTS_NAME, read_adapter_tensors, save_adapter
+from lmadapt.errors import LmadaptError
 from lmadapt.fsutil import atomic_dir
+from lmadapt.jsonfile import JsonFileError, read_json_object
 from lmadapt.methods import Method
 from lmadapt.objectives.base import Objective
 
@@ -121,30 +125,130 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot save {type(value).__name__} in trainer_state.json")
 
 
+class CheckpointError(LmadaptError):
+    """A checkpoint that cannot be resumed from: one of its files is damaged, or it does not fit this run."""
+
+
+@dataclass
+class Checkpoint:
+    """Every file of a checkpoint folder, read and checked, none of it applied yet (see :func:`read_checkpoint`)."""
+
+    path: Path
+    state: dict[str, Any]  # trainer_state.json
+    adapter: dict[str, torch.Tensor]  # adapter/adapter_model.safetensors
+    optimizer: dict[str, torch.Tensor]  # optimizer.safetensors: "<parameter position>.<state name>"
+    rng: dict[str, torch.Tensor]  # rng.safetensors
+    objective: dict[str, torch.Tensor] | None  # objective.safetensors, when the objective trains a head
+
+
+_STATE_KEYS = {"step": int, "optimizer_groups": list, "python_rng": list, "numpy_rng": list}
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read and check every file of checkpoint ``path`` without changing anything.
+
+    A damaged file (truncated, not safetensors or JSON, missing entries, RNG states that do not restore)
+    raises :class:`CheckpointError` naming it and saying what to do, before any state is restored.
+    """
+    path = Path(path)
+    state = _read_state(path)
+    try:
+        adapter = read_adapter_tensors(path / "adapter")
+    except (LmadaptError, SafetensorError, OSError) as exc:
+        # the AdapterError's advice ("save the adapter again") does not apply here: give the reason beneath it
+        reason = exc.__context__ if isinstance(exc.__context__, (SafetensorError, OSError)) else exc
+        raise _damaged(path, f"adapter/{WEIGHTS_NAME}", str(reason).splitlines()[0]) from None
+    optimizer = _read_tensors(path, "optimizer.safetensors")
+    n_params = sum(len(g["params"]) for g in state["optimizer_groups"])
+    for key in optimizer:
+        idx, _, name = key.partition(".")
+        if not (idx.isdigit() and name and int(idx) < n_params):
+            raise _damaged(path, "optimizer.safetensors", f"entry {key!r} is not '<parameter position>.<state>' "
+                                                          f"for one of the {n_params} parameters")
+    rng = _read_tensors(path, "rng.safetensors")
+    try:
+        torch.Generator().set_state(rng["torch_cpu"])
+    except (KeyError, RuntimeError, TypeError) as exc:
+        raise _damaged(path, "rng.safetensors", f"no usable torch_cpu state ({exc})") from None
+    objective = (_read_tensors(path, "objective.safetensors") if (path / "objective.safetensors").is_file()
+                 else None)
+    return Checkpoint(path, state, adapter, optimizer, rng, objective)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """trainer_state.json, with the entries this module restores checked (the RNG states on scratch generators)."""
+    try:
+        state = read_json_object(path / STATE_NAME)
+    except JsonFileError as exc:
+        raise _damaged(path, STATE_NAME, exc.problem) from None
+    for key, kind in _STATE_KEYS.items():
+        if key not in state:
+            raise _damaged(path, STATE_NAME, f"'{key}' is missing")
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise _damaged(path, STATE_NAME, f"'{key}' should be a {kind.__name__}, got {state[key]!r:.60}")
+    if not isinstance(state.get("method_state") or {}, dict):
+        raise _damaged(path, STATE_NAME, "'method_state' should be an object")
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in state["optimizer_groups"]):
+        raise _damaged(path, STATE_NAME, "'optimizer_groups' should be a list of groups, each with 'params'")
+    try:
+        _set_python_numpy_rng(state, random.Random(), np.random.RandomState())
+    except (TypeError, ValueError, IndexError, OverflowError) as exc:
+        raise _damaged(path, STATE_NAME, f"the Python/NumPy random states do not restore ({exc})") from None
+    return state
+
+
+def _read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path / name))
+    except (SafetensorError, OSError) as exc:
+        raise _damaged(path, name, str(exc)) from None
+
+
+def _damaged(path: Path, name: str, problem: str) -> CheckpointError:
+    """The error for a damaged file ``name`` of checkpoint ``path``: what to delete, and what that resumes from."""
+    names = [p.name for p in checkpoint_dirs(path.parent.parent)]
+    earlier = names[:names.index(path.name)] if path.name in names else []
+    todo = (f"delete {path} to resume from {earlier[-1]}, or start again without --resume" if earlier
+            else f"delete {path} and start again without --resume")
+    return CheckpointError(f"checkpoint {path / name} is truncated or corrupt ({problem}): {todo} "
+                           f"(with --overwrite, which replaces the run folder)")
+
+
+def _set_python_numpy_rng(state: dict[str, Any], py_random: Any = random, np_random: Any = np.random) -> None:
+    """Restore the Python and NumPy generator states of ``state`` (by default the global ones)."""
+    py = state["python_rng"]
+    py_random.setstate((py[0], tuple(py[1]), py[2]))
+    npr = state["numpy_rng"]
+    np_random.set_state((npr[0], np.array(npr[1], dtype=np.uint32), *npr[2:]))
+
+
 def load_checkpoint(path: Path, *, model: torch.nn.Module, method: Method,
                     rebuild_optimizer: Callable[[], torch.optim.Optimizer],
                     objective: Objective | None = None) -> dict[str, Any]:
     """Restore the method's state, the trainable weights, the optimizer and the RNG from ``path``.
 
-    Order matters: the method's own state first (it may re-establish a trainable set that changed during
-    the run), then the tensors, then ``rebuild_optimizer()`` builds the optimizer over the groups as they
-    are now and its saved state is loaded into it. Returns the trainer state, with the new optimizer under
-    ``"optimizer"``.
+    Every file is read and checked first (:func:`read_checkpoint`), so a damaged one is reported before
+    anything changes. Then, order matters: the method's own state first (it may re-establish a trainable set
+    that changed during the run), then the tensors, then ``rebuild_optimizer()`` builds the optimizer over
+    the groups as they are now and its saved state is loaded into it. Returns the trainer state, with the new
+    optimizer under ``"optimizer"``. A checkpoint written by a run with another method or trainable set
+    raises :class:`CheckpointError`.
     """
-    state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
-    method.load_state_dict(model, state.get("method_state") or {})
-    method.load_adapter_state(model, read_adapter_tensors(path / "adapter"))
-    if objective is not None and (path / "objective.safetensors").is_file():
-        objective.load_trainable_state(model, load_file(str(path / "objective.safetensors")))
-    optimizer = rebuild_optimizer()
-    _restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer_groups"])
-    rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch_cpu"])
-    cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+    saved = read_checkpoint(path)
+    try:
+        method.load_state_dict(model, saved.state.get("method_state") or {})
+        method.load_adapter_state(model, saved.adapter)
+        if objective is not None and saved.objective is not None:
+            objective.load_trainable_state(model, saved.objective)
+        optimizer = rebuild_optimizer()
+        _restore_optimizer(optimizer, saved.optimizer, saved.state["optimizer_groups"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {saved.path} does not fit this run ({exc}); resume with the config "
+                              f"the run was started with ({saved.path.parent.parent / 'config.yaml'}), or start "
+                              f"again without --resume") from None
+    torch.set_rng_state(saved.rng["torch_cpu"])
+    cuda = [saved.rng[k] for k in sorted(saved.rng) if k.startswith("torch_cuda_")]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-    py = state["python_rng"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    npr = state["numpy_rng"]
-    np.random.set_state((npr[0], np.array(npr[1], dtype=np.uint32), *npr[2:]))
-    return {**state, "optimizer": optimizer}
+    _set_python_numpy_rng(saved.state)
+    return {**saved.state, "optimizer": optimizer}
