@@ -17,17 +17,16 @@ other two commands' calls. Each CLI command is one call to one of these; a noteb
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-
 from lmadapt.adapters.format import (
     CONFIG_NAME,
-    WEIGHTS_NAME,
     adapter_metadata,
-    load_adapter,
+    adapter_shapes,
+    load_adapter_contents,
     read_adapter_info,
 )
 from lmadapt.config import describe, from_dict
@@ -39,6 +38,7 @@ from lmadapt.evaluation.config import EvalConfig
 from lmadapt.evaluation.predictions import base_predictions_path
 from lmadapt.evaluation.run import evaluate
 from lmadapt.fsutil import atomic_dir
+from lmadapt.jsonfile import JsonFileError, read_json, read_json_object
 from lmadapt.methods import Method, available_methods, method_class
 from lmadapt.models.loading import ModelConfig, load_model, model_display_name
 from lmadapt.models.tree import adapters_disabled
@@ -53,10 +53,17 @@ def _model_config(model: str | ModelConfig, **overrides: Any) -> ModelConfig:
 
 def load(model: str | ModelConfig, adapter: str | Path | None = None, *, dtype: str | None = None,
          device: str | None = None, force: bool = False) -> tuple[Any, Any, Method | None]:
-    """(model, tokenizer, method): the base model, with the adapter applied (unmerged) when given."""
+    """(model, tokenizer, method): the base model, with the adapter applied (unmerged) when given.
+
+    The tokenizer is the one the adapter folder carries when it carries one (a method that changed the
+    vocabulary saved it), else the base model's; heads an objective trained are restored onto the model.
+    """
     cfg = _model_config(model, dtype=dtype, device=device)
     base, tokenizer = load_model(cfg)
-    method = load_adapter(base, adapter, force=force) if adapter else None
+    method = None
+    if adapter:
+        loaded = load_adapter_contents(base, adapter, tokenizer=tokenizer, force=force)
+        method, tokenizer = loaded.method, loaded.tokenizer
     base.eval()
     return base, tokenizer, method
 
@@ -82,35 +89,44 @@ def merge(model: str | ModelConfig, adapter: str | Path, output_dir: str | Path,
 
 
 def inspect(path: str | Path) -> dict[str, Any]:
-    """What an adapter folder, a run folder or a model folder holds, as a dict."""
+    """What an adapter folder, a run folder or a model folder holds, as a dict.
+
+    A file that cannot be read (a damaged config or weights header) raises an :class:`LmadaptError` naming it.
+    """
     path = Path(path)
     if (path / "adapter" / CONFIG_NAME).is_file():  # a run folder
         out = inspect(path / "adapter")
         report = path / "report.json"
         if report.is_file():
-            out["run_report"] = json.loads(report.read_text(encoding="utf-8"))
+            out["run_report"] = _json_file(report, read_json, "run the training again")
         return out
     if (path / CONFIG_NAME).is_file():
-        info = read_adapter_info(path)
-        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as fh:
-            shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
-        n_params = 0
-        for shape in shapes.values():
-            size = 1
-            for d in shape:
-                size *= d
-            n_params += size
-        return {"kind": "adapter", "format": info.source, "method": info.method,
-                "base_model": info.base_model, "base_fingerprint": info.base_fingerprint,
-                "tensors": len(shapes), "parameters": n_params,
-                "metadata": adapter_metadata(path), "example_tensors": dict(list(shapes.items())[:4])}
+        return _inspect_adapter(path)
     if (path / "config.json").is_file():
-        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        cfg = _json_file(path / "config.json", read_json_object, "copy or save the model again")
         return {"kind": "model", "architectures": cfg.get("architectures"), "model_type": cfg.get("model_type"),
                 "hidden_size": cfg.get("hidden_size"), "num_hidden_layers": cfg.get("num_hidden_layers"),
                 "vocab_size": cfg.get("vocab_size")}
     raise LmadaptError(f"{path}: not an adapter folder ({CONFIG_NAME}), a run folder or a model folder "
                        f"(config.json)")
+
+
+def _inspect_adapter(path: Path) -> dict[str, Any]:
+    info = read_adapter_info(path)
+    shapes = adapter_shapes(path)
+    n_params = sum(math.prod(shape) for shape in shapes.values())
+    return {"kind": "adapter", "format": info.source, "method": info.method,
+            "base_model": info.base_model, "base_fingerprint": info.base_fingerprint,
+            "objective": info.objective, "tokenizer": info.has_tokenizer,
+            "tensors": len(shapes), "parameters": n_params,
+            "metadata": adapter_metadata(path), "example_tensors": dict(list(shapes.items())[:4])}
+
+
+def _json_file(path: Path, read: Callable[[Path], Any], todo: str) -> Any:
+    try:
+        return read(path)
+    except JsonFileError as exc:
+        raise LmadaptError(f"{exc}; fix it, or {todo}") from None
 
 
 def evaluate_model(model: str | ModelConfig, cfg: EvalConfig | dict[str, Any], adapter: str | Path | None = None, *,
@@ -137,12 +153,16 @@ def evaluate_model(model: str | ModelConfig, cfg: EvalConfig | dict[str, Any], a
 
 
 def config_reference() -> list[tuple[str, str, str, str]]:
-    """(key, type, default, help) of every run-config key, then of every method's ``method.*`` keys."""
+    """(key, type, default, help) of every run-config key, then of every method's ``method.*`` keys and every
+    objective's ``objective.*`` keys."""
+    from lmadapt.objectives.base import OBJECTIVES
     from lmadapt.recipes.finetune import RunConfig
 
     rows = describe(RunConfig)
     for name in available_methods():
         rows += [(f"method.{k}  [{name}]", t, d, h) for k, t, d, h in describe(method_class(name).config_class)]
+    for name in OBJECTIVES.names():
+        rows += [(f"objective.{k}  [{name}]", t, d, h) for k, t, d, h in describe(OBJECTIVES.get(name).config_class)]
     return rows
 
 

@@ -94,7 +94,13 @@ class Method:
     def prepare(self, model: nn.Module, tokenizer: Any) -> Any:
         """Before anything else (calibration, :meth:`apply`): see, and possibly change, the tokenizer and the
         vocabulary (add tokens, resize the embeddings). Returns the tokenizer to use from now on. A method that
-        changes it sets ``changes_tokenizer``, and its adapter folders then carry the tokenizer's files."""
+        changes it sets ``changes_tokenizer``, and its adapter folders then carry the tokenizer's files.
+
+        Loading an adapter calls it again, on the base model, with the tokenizer the folder carries (already
+        changed): it must then only bring the model to that tokenizer (e.g. resize the embeddings to
+        ``len(tokenizer)``) without changing the tokenizer again. The new rows' values come from the adapter's
+        tensors, so :meth:`adapter_state` must hold them. A method that does not change the tokenizer may get
+        None there (an adapter loaded with ``load_adapter(model, path)`` and no tokenizer)."""
         return tokenizer
 
     @property

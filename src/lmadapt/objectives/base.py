@@ -52,7 +52,14 @@ class Objective:
 
     def setup(self, model: nn.Module, tokenizer: Any, device: torch.device) -> None:
         """Prepare before training, after the method is applied (so what the objective trains wins): load a
-        teacher, make the heads the objective trains trainable."""
+        teacher, make the heads the objective trains trainable. An objective that adds heads to the model
+        creates them in :meth:`attach` and calls it from here."""
+
+    def attach(self, model: nn.Module) -> None:
+        """Add the modules (heads) this objective owns to ``model``, on the model's device and dtype; nothing
+        else. Called by :meth:`setup`, and when an adapter that saved the heads is loaded (without
+        :meth:`setup`: no teacher, no data), before :meth:`load_trainable_state` overwrites their values.
+        The default adds nothing (the value objective's head is part of its ValueModel)."""
 
     def count(self, batch: dict[str, Any]) -> int:
         """Units of ``batch`` that carry loss (computed before the forward pass, from the batch alone)."""
@@ -68,11 +75,12 @@ class Objective:
         return []
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Tensors of the parameters in :meth:`parameter_groups`, keyed stably (checkpoints save them)."""
+        """Tensors of the parameters in :meth:`parameter_groups`, keyed stably: checkpoints save them, and so do
+        adapter folders (under ``lmadapt_objective.<key>``, see :func:`lmadapt.adapters.format.save_adapter`)."""
         return {}
 
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        """Load what :meth:`trainable_state` saved."""
+        """Load what :meth:`trainable_state` saved into the heads (after :meth:`attach`); a mismatch raises."""
 
 
 OBJECTIVES: Registry[Objective] = Registry("objective", default="causal_lm")

@@ -124,7 +124,10 @@ def device_for(dist_info: Distributed, spec: str) -> str:
     return spec
 
 
-def gathered_state(method: Any, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The method's trainable tensors as one process would save them. Under data parallelism every rank holds
-    them whole; a sharded strategy (FSDP) gathers them here, which is why saving reads them through this."""
-    return method.adapter_state(model)
+def gathered_state(component: Any, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors ``component`` saves, as one process would save them: a method's ``adapter_state(model)``,
+    or an objective's ``trainable_state(model)`` (its heads). Under data parallelism every rank holds them
+    whole; a sharded strategy (FSDP) gathers them here, which is why saving reads them through this."""
+    if hasattr(component, "adapter_state"):
+        return component.adapter_state(model)
+    return component.trainable_state(model)
