@@ -847,7 +847,7 @@ def test_resume_with_another_rank_names_the_config_it_was_started_with(tmp_path,
     cfg, run = _resume_copy(trained_run, tmp_path, tiny_model_dir, good_data)
     before = snapshot(run)
     res = cli("train", cfg, "method.r=8", "--resume", "--no-progress")
-    assert_refused(res, "step-0000002", "does not fit", "config.yaml")
+    assert_refused(res, "method.r: run has 4, now 8", "config.yaml")  # refused before the checkpoint is read
     assert snapshot(run) == before
 
 

@@ -158,7 +158,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(run_config, tmp_path):
 
 
 def test_resume_without_checkpoint_is_refused(run_config):
-    with pytest.raises(LmadaptError, match="no complete checkpoint"):
+    with pytest.raises(LmadaptError, match="does not exist; start the run without --resume"):
         train(run_config, resume=True, progress=False)
 
 

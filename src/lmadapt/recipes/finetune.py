@@ -23,6 +23,7 @@ from lmadapt.adapters.format import (
 )
 from lmadapt.config import ConfigError, config_source, option, to_dict
 from lmadapt.data import DataConfig, load_splits
+from lmadapt.data.tokens import set_chat_template, training_record
 from lmadapt.errors import AdapterError
 from lmadapt.evaluation.config import EvalConfig
 from lmadapt.evaluation.examples import load_examples
@@ -37,7 +38,7 @@ from lmadapt.objectives.base import OBJECTIVES, build_objective
 from lmadapt.registry import config_with_sections
 from lmadapt.training.config import TrainConfig
 from lmadapt.training.loop import LoopResult
-from lmadapt.training.run import Run, loop_report, make_batcher, say
+from lmadapt.training.run import Run, loop_report, loss_summary, make_batcher, say
 
 
 @dataclass
@@ -94,16 +95,18 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
     """Train an adapter as ``config`` says; returns where it went and what was measured.
 
     With ``resume=True`` the run continues from the newest complete checkpoint in ``output_dir``
-    and ends with the same weights as a run that was never interrupted. Under torchrun every process
-    calls this; rank 0 writes.
+    and ends with the same weights as a run that was never interrupted; ``config`` may differ from the run's
+    ``config.yaml`` only where :mod:`lmadapt.training.resume` allows (a finished run is not redone). Under
+    torchrun every process calls this; rank 0 writes.
     """
     cfg = load_run_config(config, overrides)
-    run = Run.from_environment(cfg.output_dir, cfg.train, cfg.model.device, overwrite=cfg.overwrite, resume=resume)
+    run = Run.from_environment(cfg.output_dir, cfg.train, cfg.model.device, overwrite=cfg.overwrite, resume=resume,
+                               config=cfg)  # on resume: cfg is compared with the run's config.yaml first
     cfg = dataclasses.replace(cfg, train=run.train)  # precision resolved: config.yaml records the choice
     method, objective = build_method(cfg.method), build_objective(cfg.objective)
     model, tokenizer = load_model(dataclasses.replace(training_model_config(cfg, method), device=str(run.device)))
     base_fp = fingerprint(model)  # before prepare() may resize the vocabulary: loading checks the base as loaded
-    tokenizer = method.prepare(model, tokenizer)
+    tokenizer = set_chat_template(method.prepare(model, tokenizer), cfg.data)  # data.chat_template, for the evals too
     train_set, val_set, data_report = load_splits(cfg.data, tokenizer)  # raises before anything is written
     say(data_report.summary(), run.dist)
     check_eval_data(cfg.evals)
@@ -118,7 +121,7 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
                             lambda: _evaluate_all(model, tokenizer, cfg, run, "before"))
     if method.calibration_batches:
         plan = batcher.batches(0)[: method.calibration_batches]
-        method.calibrate(model, [batcher.collate(run.dist.shard(b)) for b in plan])
+        method.calibrate(model, [batcher.collate(b) for b in plan])  # whole global batches: every rank the same
     method.apply(model)
     if init is not None:
         load_adapter_weights(model, method, init)
@@ -134,7 +137,8 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
     adapter_dir = run.path / "adapter"
     if run.dist.is_main:
         save_adapter(model, method, adapter_dir, base_model=base_name, base_fingerprint=base_fp, overwrite=True,
-                     tokenizer=tokenizer if method.changes_tokenizer else None, objective=objective)
+                     tokenizer=tokenizer if method.changes_tokenizer else None, objective=objective,
+                     extra=training_record(cfg.data, data_report.format, tokenizer))
     evals_after = _evaluate_all(model, tokenizer, cfg, run, "after")
     report = {"model": base_name, "base_fingerprint": base_fp, "method": method.name, "objective": objective.name,
               "trainable_parameters": trainable, "total_parameters": total, "data": to_dict(data_report),
@@ -145,6 +149,7 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
     if cfg.evals:
         say(compare_table([(_eval_name(e), b, a) for e, b, a in zip(cfg.evals, evals_before, evals_after)]),
             run.dist)
+    say(loss_summary(result), run.dist)
     say(f"adapter saved to {adapter_dir}; report {run.path / 'report.json'}; loss curve {run.path / 'loss.png'}",
         run.dist)
     return TrainResult(run.path, adapter_dir, result, evals_before, evals_after, report)

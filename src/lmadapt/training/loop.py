@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from lmadapt.training.config import TrainConfig
 from lmadapt.training.distributed import Distributed
 from lmadapt.training.optim import build_optimizer
 from lmadapt.training.precision import autocast, needs_autocast
+from lmadapt.training.resume import interrupt_message
 from lmadapt.training.schedules import lr_factor
 
 
@@ -100,11 +102,14 @@ class Trainer:
         return build_optimizer(self.model, self.method, self.cfg, previous=previous, objective=self.objective)
 
     # --- data ----------------------------------------------------------------------------------
-    def _micro_batch(self, index: int) -> dict[str, Any]:
+    def _micro_batch(self, index: int) -> dict[str, Any] | None:
+        """This rank's rows of global micro-batch ``index``, collated; None when it has none (under torchrun a
+        last, short batch may have fewer rows than processes: such a rank still joins the gradient sum)."""
         epoch, pos = divmod(index, len(self.train_batcher))
         if epoch not in self._plans:
             self._plans = {epoch: self.train_batcher.batches(epoch)}
-        return self.train_batcher.collate(self.dist.shard(self._plans[epoch][pos]))
+        rows = self.dist.shard(self._plans[epoch][pos])
+        return self.train_batcher.collate(rows) if rows else None
 
     # --- resume --------------------------------------------------------------------------------
     def resume(self) -> Path | None:
@@ -127,7 +132,8 @@ class Trainer:
     def _step(self) -> tuple[float | None, float]:
         """One optimizer step; returns (mean loss, grad norm) or (None, nan) when skipped."""
         cfg, model, objective = self.cfg, self.model, self.objective
-        micro = [self._micro_batch(self.state["micro"] + i) for i in range(cfg.grad_accum)]
+        fetched = [self._micro_batch(self.state["micro"] + i) for i in range(cfg.grad_accum)]
+        micro = [mb for mb in fetched if mb is not None]
         counts = [objective.count(mb) for mb in micro]
         n_step, n_inputs = self.dist.sum(
             [sum(counts), sum(int(mb.get("num_tokens", mb["input_ids"].numel())) for mb in micro)], self.device)
@@ -166,8 +172,8 @@ class Trainer:
                            schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio, decay_ratio=cfg.decay_ratio)
         for g in self.optimizer.param_groups:
             g["lr"] = cfg.lr * factor * g["lr_scale"]
-        step_ctx = StepContext(model, contexts[-1].batch, self.state["step"], self.total_steps, None,
-                               self.optimizer, micro_index=len(contexts) - 1, micro_batches=contexts)
+        step_ctx = StepContext(model, contexts[-1].batch if contexts else {}, self.state["step"], self.total_steps,
+                               None, self.optimizer, micro_index=max(0, len(contexts) - 1), micro_batches=contexts)
         self.method.before_optimizer_step(step_ctx)
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -284,6 +290,11 @@ class Trainer:
                         self.run_dir, state["step"], model=self.model, method=self.method, objective=self.objective,
                         optimizer=self.optimizer, trainer_state=dict(state), base_model=self.base_model,
                         base_fingerprint=self.base_fingerprint, keep_last=cfg.keep_last))
+        except KeyboardInterrupt:  # Ctrl-C: say what --resume would continue from, then stop as asked
+            bar.close()
+            if main:
+                print(interrupt_message(self.run_dir, state["step"], cfg.save_every), file=sys.stderr, flush=True)
+            raise
         finally:
             bar.close()
             if log is not None:

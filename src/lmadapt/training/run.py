@@ -1,10 +1,11 @@
 """The one run orchestrator: a run folder, the loop, and what every recipe shares.
 
 :class:`Run` does the steps in the order that protects the user's data: the output folder is checked first
-(or, on ``--resume``, that it holds a checkpoint), the inputs are loaded and validated by the caller next, and
-nothing is written until :meth:`Run.create` is called after that. Then the one loop trains
-(:meth:`Run.fit`: precision and device resolved once, here), and :meth:`Run.finish` writes the report and
-the loss plot. Under torchrun only rank 0 writes.
+(or, on ``--resume``, that the config differs from the run's own only where it may, that the run is not
+finished, and that it holds a checkpoint: :mod:`lmadapt.training.resume`), the inputs are loaded and
+validated by the caller next, and nothing is written until :meth:`Run.create` is called after that. Then
+the one loop trains (:meth:`Run.fit`: precision and device resolved once, here), and :meth:`Run.finish`
+writes the report and the loss plot. Under torchrun only rank 0 writes.
 
 ``lmadapt train`` (:func:`train`) composes it as prepare output dir -> load -> data -> method -> objective ->
 trainer -> save -> evaluate -> report; the recipes (helper models, VAS value models, the demo) compose the
@@ -36,10 +37,11 @@ from lmadapt.methods import Method
 from lmadapt.models.loading import resolve_device
 from lmadapt.objectives.base import Objective
 from lmadapt.reporting import plot_loss, read_metrics
-from lmadapt.training.checkpoint import checkpoint_dirs
 from lmadapt.training.config import TrainConfig
 from lmadapt.training.distributed import Distributed, device_for, from_environment
 from lmadapt.training.loop import LoopResult, Trainer
+from lmadapt.training.memory import gradient_checkpointing
+from lmadapt.training.resume import check_resume
 
 
 def set_seed(seed: int) -> None:
@@ -57,7 +59,12 @@ def say(message: str, dist: Distributed | None = None) -> None:
 
 @dataclass
 class Run:
-    """One training run in ``path``; see the module docstring for the order of the steps."""
+    """One training run in ``path``; see the module docstring for the order of the steps.
+
+    ``config`` is the run's whole config (a dataclass with a ``train`` section), recorded as ``config.yaml``
+    by :meth:`create`; on resume it is compared with the run's own. Without it (recipes that do not record
+    one here) a resume checks only that a checkpoint exists.
+    """
 
     path: Path
     train: TrainConfig
@@ -65,33 +72,47 @@ class Run:
     overwrite: bool = False
     resume: bool = False
     dist: Distributed = field(default_factory=Distributed)
+    config: Any = None
     device: torch.device = field(init=False)
+    _resumed_record: dict[str, Any] | None = field(init=False, default=None, repr=False)
+    _resumed_changes: list[str] = field(init=False, default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
         self.device = resolve_device(device_for(self.dist, self.device_spec))
         self.train = dataclasses.replace(self.train, precision=resolve_precision(self.train.precision, self.device))
+        if self.config is not None:  # config.yaml records the resolved precision
+            self.config = dataclasses.replace(self.config, train=self.train)
         if self.resume and self.overwrite:
             raise LmadaptError("--resume continues the run in its folder and --overwrite replaces that folder. "
                                "Choose one.")
         if self.resume:
-            if not checkpoint_dirs(self.path):
-                raise LmadaptError(f"cannot resume: {self.path} has no complete checkpoint (train.save_every "
-                                   f"must be > 0 for a run to leave checkpoints)")
+            self._resumed_record, self._resumed_changes = check_resume(
+                self.path, None if self.config is None else to_dict(self.config),
+                save_every=self.train.save_every, max_steps=self.train.max_steps, defaults=self._defaults())
         else:
             check_output_dir(self.path, self.overwrite)
         set_seed(self.train.seed)
 
+    def _defaults(self) -> dict[str, Any] | None:
+        """The defaults of the config's type (for settings a run's older config.yaml lacks), if it has them."""
+        try:
+            return None if self.config is None else to_dict(type(self.config)())
+        except TypeError:  # a config type with required fields
+            return None
+
     @classmethod
     def from_environment(cls, path: str | Path, train: TrainConfig, device_spec: str = "auto", *,
-                         overwrite: bool = False, resume: bool = False) -> Run:
+                         overwrite: bool = False, resume: bool = False, config: Any = None) -> Run:
         """A run in this process's place under torchrun (or a single process without it)."""
-        return cls(Path(path), train, device_spec, overwrite, resume, from_environment(device_spec))
+        return cls(Path(path), train, device_spec, overwrite, resume, from_environment(device_spec), config)
 
     # --- steps --------------------------------------------------------------------------------
-    def create(self, config: Any) -> None:
-        """Make the run folder and record ``config`` in it (rank 0; a resumed run keeps its folder).
-        Call only after every input has been validated."""
+    def create(self, config: Any = None) -> None:
+        """Make the run folder and record ``config`` (default: the run's) in it (rank 0; a resumed run keeps its
+        folder, and its config.yaml until the checkpoint is restored). Call only after every input has been
+        validated."""
+        config = self.config if config is None else config
         if not self.resume and self.dist.is_main:
             if self.path.exists() and self.overwrite:
                 shutil.rmtree(self.path)
@@ -111,14 +132,19 @@ class Run:
         trainer = Trainer(model, method, self.train, train_batcher, val_batcher, self.path, base_model=base_model,
                           base_fingerprint=base_fingerprint, device=self.device, objective=objective,
                           dist=self.dist)
-        if trainer.state["threads"]:
-            say(f"{trainer.state['threads']} CPU thread(s) (train.threads; 0 = the cores idle now)", self.dist)
         if self.resume:
             where = trainer.resume()
             if self.dist.is_main:
                 drop_metrics_after(self.path / "metrics.jsonl", trainer.state["step"])
+                if self._resumed_record is not None:  # the allowed changes: config.yaml stays true
+                    atomic_write_text(self.path / "config.yaml", yaml.safe_dump(self._resumed_record, sort_keys=False))
+            if self._resumed_changes:
+                say(f"changed on resume: {'; '.join(self._resumed_changes)}", self.dist)
             say(f"resuming from {where} (step {trainer.state['step']} of {trainer.total_steps})", self.dist)
-        return trainer.run(progress=progress)
+        if trainer.state["threads"]:  # a resumed run's count is its first one
+            say(f"{trainer.state['threads']} CPU thread(s) (train.threads; 0 = the cores idle now)", self.dist)
+        with gradient_checkpointing(model, self.train.gradient_checkpointing):
+            return trainer.run(progress=progress)
 
     def finish(self, report: dict[str, Any], *, title: str, ylabel: str | None = None) -> None:
         """Write ``report.json`` and the loss plot ``loss.png`` (rank 0)."""
@@ -167,3 +193,11 @@ def loop_report(result: LoopResult) -> dict[str, Any]:
         "final_val_loss": result.val_loss,
         "skipped_steps": result.skipped_steps,
     }
+
+
+def loss_summary(result: LoopResult) -> str:
+    """The line a run ends with: its final training loss (the last step's) and validation loss."""
+    def show(loss: float | None) -> str:
+        return "n/a" if loss is None else f"{loss:.4f}"
+    val = "no validation set" if result.val_loss is None else f"validation loss {show(result.val_loss)}"
+    return f"after {result.steps} steps: final train loss {show(result.final_loss)}, {val}"

@@ -1,0 +1,194 @@
+"""What ``--resume`` may change, and what it says when it cannot continue a run.
+
+A resumed run must end where the run would have ended uninterrupted, so the config it is given is compared
+with the run's own ``config.yaml`` before anything is loaded. Settings that only decide what is logged,
+validated or kept may change (:data:`FREE`); ``train.max_steps`` may grow when the learning rate of a step
+does not depend on the total (``schedule: constant`` with a fixed warm-up); every other difference is
+refused with one error that lists them all. A setting the run's ``config.yaml`` lacks (a run made before
+that setting existed) counts as its default. A run that already wrote its ``report.json`` is finished: it
+is continued only when ``max_steps`` grew.
+"""
+
+from __future__ import annotations
+
+import copy
+import reprlib
+from pathlib import Path
+from typing import Any
+
+from lmadapt.errors import ConfigError, LmadaptError
+from lmadapt.jsonfile import JsonFileError, read_json_object
+from lmadapt.reporting import read_metrics
+from lmadapt.training.checkpoint import checkpoint_dirs
+from lmadapt.yamlfile import read_yaml
+
+FREE = ("train.save_every", "train.keep_last", "train.log_every", "train.eval_every", "train.eval_batches",
+        "train.tensorboard", "train.nan_policy")
+"""Keys a resumed run may change: they decide what is logged, validated and kept (and, for ``nan_policy``,
+whether a non-finite step stops the run), not what a completed step computes."""
+KEPT = ("train.threads",)
+"""Keys whose value the run keeps from its first start whatever the config says (the thread count decides
+the order of float sums, so keeping it keeps the resume bit-exact)."""
+IGNORED = ("output_dir", "overwrite")
+"""Keys that are not settings of the run: the folder is where it is now; ``--overwrite`` is refused with
+``--resume``."""
+_MISSING = object()
+_show = reprlib.Repr()  # values in messages, shortened: the run's and the new config's may be long lists
+_show.maxstring, _show.maxother, _show.maxlist, _show.maxdict, _show.maxlevel = 60, 60, 4, 4, 2
+
+
+class ResumeError(LmadaptError):
+    """``--resume`` cannot continue this run: the config differs, the run is finished, or it has no checkpoint."""
+
+
+def run_config_record(run_dir: Path) -> dict[str, Any] | None:
+    """The run's own ``config.yaml`` as a dict (None when the folder has none)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return read_yaml(path)
+    except ConfigError as exc:
+        raise ResumeError(f"cannot resume {run_dir}: its config.yaml is unreadable ({'; '.join(exc.problems)}); "
+                          f"start a new run in another output_dir") from None
+
+
+def with_defaults(saved: Any, defaults: Any) -> Any:
+    """``saved`` with the keys it lacks (at any depth of sections) taken from ``defaults``."""
+    if not (isinstance(saved, dict) and isinstance(defaults, dict)):
+        return saved
+    return {**defaults, **{k: with_defaults(v, defaults.get(k)) for k, v in saved.items()}}
+
+
+def differences(saved: Any, now: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, run's value, new value)`` for every leaf that differs (list entries that are sections,
+    such as ``evals``, are compared entry by entry when both lists have the same length)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        keys = [*saved, *(k for k in now if k not in saved)]
+        return [d for k in keys
+                for d in differences(saved.get(k, _MISSING), now.get(k, _MISSING), f"{key}.{k}" if key else k)]
+    if (isinstance(saved, list) and isinstance(now, list) and len(saved) == len(now)
+            and any(isinstance(v, dict) for v in saved)):
+        return [d for i, (a, b) in enumerate(zip(saved, now)) for d in differences(a, b, f"{key}[{i}]")]
+    return [] if saved == now else [(key, saved, now)]
+
+
+def max_steps_problem(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """Why ``train.max_steps`` may not change from ``saved`` to ``now`` (None when it may).
+
+    The learning rate of step t is ``lr * f(t; total, warmup)``: with ``cosine``, ``linear`` and ``wsd`` the
+    factor depends on the total, so a longer run would have used other learning rates for the steps
+    already taken; ``constant`` after a fixed warm-up does not.
+    """
+    old, new = saved.get("max_steps"), now.get("max_steps")
+    if not (isinstance(old, int) and isinstance(new, int) and 0 < old < new):
+        return "max_steps may only grow, and only in a run started with max_steps > 0"
+    if now.get("schedule") != "constant":
+        return (f"with schedule {now.get('schedule')} the learning rate of every step depends on max_steps, so "
+                f"the steps already taken would not be those of the longer run; only schedule constant may grow")
+    if not now.get("warmup_steps") and now.get("warmup_ratio"):
+        return "the warm-up is warmup_ratio x max_steps, so it would change; only a run with warmup_steps may grow"
+    return None
+
+
+def _show_value(value: Any) -> str:
+    return "(not set)" if value is _MISSING else _show.repr(value)
+
+
+def _section(record: dict[str, Any], name: str) -> dict[str, Any]:
+    value = record.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def resumed_record(run_dir: Path, saved: dict[str, Any], now: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The config the resumed run continues with (``now``, keeping the :data:`KEPT` values of ``saved``) and
+    its allowed changes as ``key: X -> Y``; a :class:`ResumeError` listing every refused difference."""
+    refused, changed = [], []
+    for key, old, new in differences(saved, now):
+        if key in IGNORED or key in KEPT:
+            continue
+        why = max_steps_problem(_section(saved, "train"), _section(now, "train")) if key == "train.max_steps" else None
+        if key in FREE or (key == "train.max_steps" and why is None):
+            changed.append(f"{key}: {_show_value(old)} -> {_show_value(new)}")
+        else:
+            because = f" ({why})" if why else ""
+            refused.append(f"  {key}: run has {_show_value(old)}, now {_show_value(new)}{because}")
+    if refused:
+        raise ResumeError(
+            f"--resume continues {run_dir} with the config it was started with ({run_dir / 'config.yaml'}), but "
+            f"this config differs:\n" + "\n".join(refused) + "\nResume with the run's own config (that file), or "
+            f"start a new run in another output_dir. A resumed run may change only {', '.join(FREE)}, and grow "
+            f"train.max_steps when train.schedule is constant.")
+    record = copy.deepcopy(now)
+    for key in KEPT:
+        section, name = key.split(".")
+        if name in _section(saved, section) and section in record:
+            record[section][name] = saved[section][name]
+    return record, changed
+
+
+def check_not_finished(run_dir: Path, max_steps: int) -> None:
+    """A :class:`ResumeError` when the run already wrote its ``report.json`` (its last step), unless
+    ``max_steps`` now asks for more steps than it ran."""
+    path = run_dir / "report.json"
+    if not path.is_file():
+        return
+    try:
+        steps = read_json_object(path).get("steps")
+    except JsonFileError:
+        steps = None
+    if max_steps > 0 and isinstance(steps, int) and steps < max_steps:
+        return
+    ran = f"{steps} steps" if isinstance(steps, int) else "its steps"
+    raise ResumeError(f"{run_dir} is already finished: it ran {ran} and wrote report.json; nothing to resume. "
+                      f"To train longer, resume with a larger train.max_steps (train.schedule constant only); "
+                      f"to train again, start a new run in another output_dir (or replace this one with --overwrite).")
+
+
+def no_checkpoint_message(run_dir: Path, save_every: int) -> str:
+    """Why ``run_dir`` cannot be resumed when it holds no complete checkpoint, and what to do."""
+    if not run_dir.exists():
+        return f"cannot resume: {run_dir} does not exist; start the run without --resume"
+    if not (run_dir / "config.yaml").is_file():
+        return f"cannot resume {run_dir}: it holds no run (no config.yaml); start the run without --resume"
+    again = "start it again without --resume (with --overwrite)"
+    if not save_every:
+        return (f"cannot resume {run_dir}: the run keeps no checkpoints (train.save_every = 0); {again}, with "
+                f"train.save_every > 0 to be able to resume it")
+    metrics = run_dir / "metrics.jsonl"
+    steps = [r["step"] for r in read_metrics(metrics) if isinstance(r.get("step"), int)] if metrics.is_file() else []
+    return (f"cannot resume {run_dir}: no checkpoint yet: the run stopped at step {max(steps, default=0)} before "
+            f"the first save (save_every = {save_every}); {again}")
+
+
+def interrupt_message(run_dir: Path, step: int, save_every: int) -> str:
+    """What an interrupted run leaves for ``--resume``: the checkpoint it would continue from, or none."""
+    found = checkpoint_dirs(run_dir)
+    if found:
+        return f"interrupted at step {step}; --resume continues from {found[-1]}"
+    if not save_every:
+        return (f"interrupted at step {step}; this run keeps no checkpoints (train.save_every = 0), so --resume "
+                f"cannot continue it")
+    return (f"interrupted at step {step}; no checkpoint yet (the first is written at step {save_every}), so "
+            f"--resume cannot continue it")
+
+
+def check_resume(run_dir: Path, now: dict[str, Any] | None, save_every: int, max_steps: int,
+                 defaults: dict[str, Any] | None = None) -> tuple[dict[str, Any] | None, list[str]]:
+    """Check that ``run_dir`` can be resumed with the config ``now`` (a dict as ``config.yaml`` records it;
+    None: the caller does not compare configs; ``defaults``: the config's defaults, for settings the run's
+    file lacks); returns the record to write once the checkpoint is restored (None when ``config.yaml``
+    stays as it is) and the allowed changes.
+
+    In this order: the config differs only where it may, the run is not finished, a checkpoint exists.
+    """
+    saved = run_config_record(run_dir)
+    record, changed = None, []
+    if now is not None and saved is not None:
+        record, changed = resumed_record(run_dir, with_defaults(saved, defaults), now)
+        check_not_finished(run_dir, max_steps)
+    if not checkpoint_dirs(run_dir):
+        run_save_every = _section(saved or {}, "train").get("save_every", save_every)
+        raise ResumeError(no_checkpoint_message(run_dir, run_save_every if isinstance(run_save_every, int)
+                                                else save_every))
+    return (record if record is not None and record != saved else None), changed
