@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Any
 
-from lmadapt.cli.common import add_model_args
+from lmadapt.cli.common import add_model_args, add_threads_arg
 
 
 def add_parser(sub: Any) -> None:
@@ -14,12 +15,19 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("generate", help="generate text (optionally steered by proxy-tuning/EFT or VAS)")
     add_model_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; default: stdin lines)")
-    p.add_argument("--chat", action="store_true", help="render prompts with the chat template")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="render prompts with the chat template (default: as the adapter was trained)")
+    p.add_argument("--system-prompt", default=None,
+                   help="system turn before each chat prompt (default: the adapter's training one; '' for none)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    add_threads_arg(p)
+    p.add_argument("--jsonl", action="store_true",
+                   help="print one JSON object per prompt, {\"prompt\": ..., \"output\": ...}, in order")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
     g = p.add_argument_group("proxy-tuning / EFT (--model, with --adapter if given, is the large base model)")
     g.add_argument("--proxy-small-model", default=None, metavar="NAME_OR_DIR",
                    help="the small base model that --proxy-expert-adapter was trained on")
@@ -48,12 +56,13 @@ FLAG_NAMES = {"small_model": "--proxy-small-model", "expert_adapter": "--proxy-e
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the generated text: streamed when there is one prompt, else ``### prompt`` then the text."""
+    """Print the generated text: streamed when there is one prompt, else ``### prompt`` then the text; with
+    ``--jsonl``, one JSON line per prompt."""
     from lmadapt.api import steer
 
     prompts = list(args.prompt) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     stream = None
-    if len(prompts) == 1:
+    if len(prompts) == 1 and not args.jsonl:
         def stream(_: int, piece: str) -> None:
             print(piece, end="", flush=True)
     outputs = steer(args.model, prompts, adapter=args.adapter, dtype=args.dtype, force=args.force,
@@ -62,8 +71,13 @@ def run(args: argparse.Namespace) -> int:
                     expert_chat=True if args.expert_chat else None, value_models=args.value_model,
                     value_betas=args.value_beta or None, vas_top_k=args.vas_top_k,
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, chat=args.chat, stream=stream, seed=args.seed, arg_names=FLAG_NAMES)
-    if stream is not None:
+                    top_p=args.top_p, chat=args.chat, system_prompt=args.system_prompt, stream=stream,
+                    seed=args.seed, arg_names=FLAG_NAMES, threads=args.threads,
+                    progress=False if args.no_progress or stream else None)
+    if args.jsonl:
+        for prompt, out in zip(prompts, outputs):
+            print(json.dumps({"prompt": prompt, "output": out}, ensure_ascii=False))
+    elif stream is not None:
         print()
     else:
         for prompt, out in zip(prompts, outputs):

@@ -7,21 +7,27 @@ batch is padded, when to stop) and what comes out (only the new text, special to
 Prompt rule, shared with :mod:`lmadapt.evaluation.tasks`: with ``chat=False`` a prompt is tokenized as
 written, with the tokenizer's own special tokens (a BOS token for tokenizers that add one); with
 ``chat=True`` it becomes one user turn (after an optional system turn), rendered by the tokenizer's
-chat template with the assistant's turn opened (``add_generation_prompt=True``).
+chat template with the assistant's turn opened (``add_generation_prompt=True``). A prompt may also be a
+conversation (a list of ``{"role", "content"}`` turns, e.g. a chat row up to its last assistant turn),
+always rendered by the chat template.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 from transformers.generation.streamers import BaseStreamer
 
 from lmadapt.errors import LmadaptError
+from lmadapt.progress import Progress
+
+Prompt = str | Sequence[Mapping[str, Any]]
+"""A prompt: text, or a conversation of ``{"role", "content"}`` turns (rendered by the chat template)."""
 
 # End-of-turn markers of common chat formats (ChatML, Llama 3, Gemma, Phi-3). Generation stops at
 # whichever of them the tokenizer knows as a single token, besides its EOS token.
@@ -40,14 +46,24 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, *, chat: bool = False,
+def prompt_messages(prompt: Prompt, system_prompt: str | None = None) -> list[dict[str, Any]]:
+    """A prompt as chat turns: text becomes one user turn; ``system_prompt`` goes first unless there is a
+    system turn already."""
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(t) for t in prompt]
+    if system_prompt and not (turns and turns[0].get("role") == "system"):
+        turns.insert(0, {"role": "system", "content": system_prompt})
+    return turns
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, *, chat: bool = False,
                   system_prompt: str | None = None) -> list[int]:
-    """Token ids of a prompt: as written (with the tokenizer's special tokens) or rendered as a chat turn.
+    """Token ids of a prompt: text as written (with the tokenizer's special tokens), or, with ``chat`` or
+    for a conversation, :func:`prompt_messages` rendered by the chat template with the assistant's turn opened.
 
     An empty prompt of a tokenizer that adds no BOS token becomes ``[bos or eos]`` (a document
     boundary), so that there is always a position to predict the first new token from.
     """
-    if not chat:
+    if isinstance(prompt, str) and not chat:
         ids = list(tokenizer(prompt).input_ids)
         if not ids:
             ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
@@ -56,9 +72,7 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, *, chat: bool
         render_chat,  # the same template (or fallback) that training used
     )
 
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": prompt})
-    text = render_chat(tokenizer, messages, add_generation_prompt=True)
+    text = render_chat(tokenizer, prompt_messages(prompt, system_prompt), add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False).input_ids)  # the template wrote the special tokens
 
 
@@ -73,11 +87,11 @@ def stop_token_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> set[
     return stops
 
 
-def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list[str], *, max_new_tokens: int = 64,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, chat: bool = False,
-             system_prompt: str | None = None, batch_size: int = 8,
+def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], *,
+             max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             chat: bool = False, system_prompt: str | None = None, batch_size: int = 8,
              stream: Callable[[int, str], None] | None = None, seed: int | None = None,
-             progress: bool | None = False) -> list[str]:
+             progress: bool | None = False, progress_desc: str = "generate") -> list[str]:
     """The new text generated for each prompt (greedy when ``temperature == 0``, else sampled).
 
     Sampling draws from ``softmax(logits / temperature)`` restricted to the ``top_k`` most likely tokens
@@ -85,7 +99,8 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list
     Generation stops at EOS or an end-of-turn token, or after ``max_new_tokens``. ``stream(i, piece)`` is
     called with each new piece of text of prompt ``i`` as it arrives. ``seed`` makes sampling
     reproducible without touching the global random state. Other settings of ``model.generation_config``
-    (e.g. ``repetition_penalty``) still apply.
+    (e.g. ``repetition_penalty``) still apply. ``progress`` (False: none) counts prompts done under
+    ``progress_desc``, as :mod:`lmadapt.progress` shows it.
     """
     check_generation_arguments(max_new_tokens, temperature, top_k, top_p, batch_size)
     encoded = [encode_prompt(tokenizer, p, chat=chat, system_prompt=system_prompt) for p in prompts]
@@ -97,13 +112,14 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: list
     device = next(model.parameters()).device
     outputs: list[str] = [""] * len(prompts)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    with eval_mode(model), seeded(seed, device):
-        for batch in tqdm(batches, desc="generate", unit="batch", disable=None if progress is None else not progress):
+    with eval_mode(model), seeded(seed, device), Progress(len(prompts), progress_desc, "prompts", progress) as done:
+        for batch in batches:
             ids, mask = left_pad([encoded[i] for i in batch], pad_id, device)
             streamer = TokenStreamer(tokenizer, batch, stops, stream) if stream else None
             out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, streamer=streamer)
             for row, i in enumerate(batch):
                 outputs[i] = decode_new(tokenizer, out[row, ids.shape[1]:].tolist(), stops)
+            done.update(len(batch))
     return outputs
 
 

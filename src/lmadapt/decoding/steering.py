@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from lmadapt.decoding.generation import (
@@ -54,6 +53,7 @@ from lmadapt.decoding.generation import (
 from lmadapt.errors import LmadaptError
 from lmadapt.models.tree import adapters_disabled, model_device
 from lmadapt.models.vocab import check_vocabularies, common_vocab_size, logit_width
+from lmadapt.progress import track
 
 
 @dataclass(frozen=True)
@@ -330,7 +330,7 @@ def steered_generate(base: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
     outputs: list[str] = [""] * len(prompts)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     with seeded(seed, model_device(base)):
-        for batch in tqdm(batches, desc="generate", unit="batch", disable=None if progress is None else not progress):
+        for batch in track(batches, "generate", "prompts", progress, size=len):
             streamer = TokenStreamer(tokenizer, batch, stops, stream) if stream else None
             if streamer is not None:  # a streamer's first call is the prompt (as in model.generate): skipped
                 streamer.put(torch.tensor(encoded[batch[0]]))

@@ -18,11 +18,13 @@ _EXPORTS = {
     "available_tasks": "lmadapt.evaluation.registry",
     "evaluate": "lmadapt.evaluation.run",
     "compare_table": "lmadapt.evaluation.report",
+    "result_table": "lmadapt.evaluation.report",
     "read_predictions": "lmadapt.evaluation.predictions",
     "perplexity": "lmadapt.evaluation.tasks.perplexity",
     "generation_accuracy": "lmadapt.evaluation.tasks.generation",
     "multiple_choice_accuracy": "lmadapt.evaluation.tasks.multiple_choice",
     "classification_accuracy": "lmadapt.evaluation.tasks.classification",
+    "completion_loss": "lmadapt.evaluation.tasks.completion_loss",
 }
 
 __all__ = list(_EXPORTS)

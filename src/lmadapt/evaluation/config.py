@@ -16,21 +16,31 @@ class EvalConfig:
                             "docs/evaluation.md lists them).")
     data: list[str] = option(help="Evaluation files or globs (JSONL, JSON, CSV, Parquet).")
     text_field: str = option("text", "perplexity: the field holding the text.")
-    prompt_field: str = option("prompt", "generation, multiple_choice, classification: the prompt field.")
+    prompt_field: str = option("prompt", "Every task but perplexity: the prompt field (also of training-format "
+                                         "prompt/completion rows).")
     answer_field: str = option("answer", "generation: expected answer (string or list of accepted strings); "
                                          "multiple_choice: index (0-based) or text of the right choice.")
     choices_field: str = option("choices", "multiple_choice: the field holding the list of choices.")
     label_field: str = option("label", "classification: the field holding the gold label.")
+    completion_field: str = option("completion", "Training-format prompt/completion rows (generation, "
+                                                 "classification, completion_loss): the completion field.")
+    instruction_field: str = option("instruction", "Training-format instruction rows: the instruction field.")
+    input_field: str = option("input", "Training-format instruction rows: the optional input field.")
+    output_field: str = option("output", "Training-format instruction rows: the response field.")
+    messages_field: str = option("messages", "Training-format chat rows: the list of {role, content} turns.")
     labels: list[str] = option([], "classification: candidate labels, scored as written (e.g. ' sport'); "
-                                   "empty: the sorted set of labels in the data.")
-    chat: bool = option(False, "Render prompts with the tokenizer's chat template (not read by perplexity).")
-    system_prompt: str | None = option(None, "System message for chat=True.")
+                                   "empty: the sorted set of labels in every row of the data files.")
+    chat: bool = option(False, "Render prompts with the tokenizer's chat template, as training's "
+                               "data.use_chat_template (not read by perplexity).")
+    system_prompt: str | None = option(None, "System message put before each prompt; needs chat: true.")
     match: Literal["exact", "normalized"] = option(
         "normalized", "generation: exact (after stripping whitespace) or normalized (lowercase, no punctuation, "
                       "articles or extra spaces, as in SQuAD) comparison.")
     max_new_tokens: int = option(16, "generation: tokens to generate per prompt.")
-    max_length: int = option(1024, "perplexity: window length in tokens; longer texts are split.")
-    batch_size: int = option(4, "Sequences per forward pass (perplexity windows, generation prompts).")
+    max_length: int = option(1024, "perplexity: window length in tokens, longer texts are split; "
+                                   "completion_loss: tokens per example, longer ones are cut on the right.")
+    batch_size: int = option(4, "Sequences per forward pass (perplexity windows, generation prompts, "
+                                "completion_loss examples).")
     max_examples: int | None = option(None, "Evaluate only the first N examples (null: all).")
 
     def field_name(self, key: str) -> str:
@@ -56,6 +66,9 @@ class EvalConfig:
             problems.append(f"max_examples: must be >= 1 or null, got {self.max_examples}")
         if self.labels and len(set(self.labels)) != len(self.labels):
             problems.append(f"labels: duplicates in {self.labels}")
+        unread = any(p.startswith("system_prompt:") for p in problems)  # said already
+        if self.system_prompt and not self.chat and not unread:
+            problems.append("system_prompt: only used with chat: true (a system turn needs the chat template)")
         return problems
 
     def _unread_settings(self) -> list[str]:

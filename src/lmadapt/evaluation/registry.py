@@ -11,6 +11,11 @@ its folder, so adding a task means adding one file there::
 
     register_task(EvalTask(name="my_task", fields={"prompt": string_problem}, reads=("chat",), run=_run))
 
+A task that sets ``completion`` also reads files in lmadapt's training formats (prompt/completion,
+instruction, chat ``messages``): the prompt fills ``prompt`` and the completion (the last assistant turn)
+fills the field ``completion`` names (:mod:`lmadapt.evaluation.formats`). A task whose settings depend on
+every row of the files, not only the evaluated ones, sets ``settle`` (classification: its candidate labels).
+
 This module stays light (no torch, no transformers): the command line builds its parser from it.
 """
 
@@ -39,6 +44,13 @@ TaskRun = Callable[["nn.Module", "PreTrainedTokenizerBase", list[dict[str, Any]]
 each with ``prediction``, ``gold``, ``score`` and ``correct`` (and anything else worth keeping)."""
 
 COMMON_SETTINGS = ("task", "data", "max_examples")  # read for every task; so is <field>_field for its fields
+# read by every task that takes training-format files (one that sets EvalTask.completion)
+TRAINING_FORMAT_SETTINGS = ("prompt_field", "completion_field", "instruction_field", "input_field", "output_field",
+                            "messages_field", "chat", "system_prompt")
+
+Settle = Callable[["Any", list[dict[str, Any]]], "Any"]
+"""``settle(cfg, values) -> cfg``: the config with the settings that depend on the whole data filled in, from
+``values``, the task's fields of every row of the files that could be read (not only the evaluated ones)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,8 @@ class EvalTask:
     run: TaskRun = field(repr=False)
     reads: tuple[str, ...] = ()  # EvalConfig settings it reads besides COMMON_SETTINGS and the field names
     summary: str = ""  # one line: what the task measures
+    completion: str | None = None  # the field a training-format row's completion fills (None: no such rows)
+    settle: Settle | None = field(default=None, repr=False)  # fills settings that depend on every row
 
     def row_problems(self, row: Mapping[str, Any], cfg: Any = None) -> list[tuple[str, str]]:
         """``(field, problem)`` for every missing or malformed field of one row (canonical field names)."""
@@ -62,8 +76,10 @@ class EvalTask:
         return problems
 
     def settings(self) -> set[str]:
-        """Every EvalConfig setting this task reads: the common ones, its own, and its fields' names."""
-        return {*COMMON_SETTINGS, *self.reads, *(f"{key}_field" for key in self.fields)}
+        """Every EvalConfig setting this task reads: the common ones, its own, its fields' names, and those of
+        the training formats when it reads them."""
+        training = TRAINING_FORMAT_SETTINGS if self.completion else ()
+        return {*COMMON_SETTINGS, *self.reads, *(f"{key}_field" for key in self.fields), *training}
 
 
 TASKS: dict[str, EvalTask] = {}
@@ -71,10 +87,14 @@ TASKS: dict[str, EvalTask] = {}
 
 
 def register_task(task: EvalTask) -> EvalTask:
-    """Make ``task`` available by its name; raises TypeError for a nameless, fieldless or duplicate task. (A
-    setting in ``reads`` that EvalConfig does not have is reported when a config names the task.)"""
+    """Make ``task`` available by its name; raises TypeError for a nameless, fieldless or duplicate task, or a
+    ``completion`` that is not one of its fields. (A setting in ``reads`` that EvalConfig does not have is
+    reported when a config names the task.)"""
     if not task.name or not task.fields:
         raise TypeError(f"an evaluation task needs a name and at least one field, got {task!r}")
+    if task.completion is not None and (task.completion not in task.fields or "prompt" not in task.fields):
+        raise TypeError(f"task {task.name!r}: completion={task.completion!r} must name one of its fields, and a "
+                        f"task that reads training formats needs a 'prompt' field")
     if task.name in TASKS and TASKS[task.name] is not task:
         raise TypeError(f"an evaluation task named {task.name!r} is already registered")
     TASKS[task.name] = task

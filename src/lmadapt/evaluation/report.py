@@ -1,4 +1,4 @@
-"""Before/after tables of evaluation results (text or markdown)."""
+"""Tables of evaluation results (text or markdown): one model's, or before/after."""
 
 from __future__ import annotations
 
@@ -22,8 +22,22 @@ def compare_table(rows: list[tuple[str, dict[str, Any], dict[str, Any]]], *, mar
             b, a = flat_before.get(key), flat_after.get(key)
             change = _number(a - b, signed=True) if a is not None and b is not None else "-"
             lines.append((name, key, _number(b), _number(a), change))
+    return _table(header, lines, markdown)
+
+
+def result_table(rows: list[tuple[str, dict[str, Any]]], *, markdown: bool = False) -> str:
+    """One line per (evaluation, metric) with its value: the metrics of :func:`compare_table` and the counts
+    (``n``, ``correct``, ``tokens``); ``rows`` are ``(name, result)``."""
+    lines = [(name, key, _number(value)) for name, result in rows
+             for key, value in _metrics(result, counts=True).items()]
+    return _table(("eval", "metric", "value"), lines, markdown)
+
+
+def _table(header: tuple[str, ...], lines: list[tuple[str, ...]], markdown: bool) -> str:
+    """Aligned plain text (the first two columns left-aligned, numbers right-aligned), or Markdown."""
     if markdown:
-        out = ["| " + " | ".join(header) + " |", "| --- | --- | ---: | ---: | ---: |"]
+        rule = "| " + " | ".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + " |"
+        out = ["| " + " | ".join(header) + " |", rule]
         return "\n".join(out + ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in lines])
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
     def fmt(row: tuple[str, ...]) -> str:
@@ -31,11 +45,11 @@ def compare_table(rows: list[tuple[str, dict[str, Any], dict[str, Any]]], *, mar
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(line) for line in lines])
 
 
-def _metrics(result: dict[str, Any]) -> dict[str, float]:
-    out = {}
+def _metrics(result: dict[str, Any], counts: bool = False) -> dict[str, float]:
+    out: dict[str, float] = {}
     for key, value in result.items():
-        if _is_number(value) and key not in _COUNTS:
-            out[key] = float(value)
+        if _is_number(value) and (counts or key not in _COUNTS):
+            out[key] = value if key in _COUNTS else float(value)
         elif isinstance(value, dict) and value and all(_is_number(v) for v in value.values()):
             out.update({f"{key}[{str(k).strip()}]": float(v) for k, v in value.items()})
     return out
@@ -48,5 +62,7 @@ def _is_number(value: Any) -> bool:
 def _number(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "-"
+    if isinstance(value, int) and not signed:
+        return str(value)
     sign = "+" if signed else ""
     return f"{value:{sign}.4f}" if abs(value) < 1000 else f"{value:{sign}.1f}"

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from lmadapt.decoding.generation import eval_mode
 from lmadapt.errors import ConfigError
 from lmadapt.evaluation.config import EvalConfig
-from lmadapt.evaluation.examples import load_examples
+from lmadapt.evaluation.examples import read_eval_data
 from lmadapt.evaluation.predictions import write_predictions
 from lmadapt.evaluation.registry import get_task
 
@@ -32,13 +32,17 @@ def evaluate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: EvalConf
     field, or where it was read (``file:line``).
 
     The model is evaluated in eval mode under ``torch.inference_mode()``; its train/eval mode is
-    restored afterwards.
+    restored afterwards. ``progress``: False shows nothing; True or None a bar on a terminal, else a status
+    line on stderr every 30 s (:mod:`lmadapt.progress`).
     """
     problems = cfg.check()
     if problems:
         raise ConfigError(problems, "the evaluation config")
     task = get_task(cfg.task)
-    examples = load_examples(cfg)
+    data = read_eval_data(cfg)
+    examples = data.examples
+    if task.settle is not None:
+        cfg = task.settle(cfg, data.values)
     with eval_mode(model):
         metrics, rows = task.run(model, tokenizer, [ex.data for ex in examples], cfg, progress)
     if len(rows) != len(examples):

@@ -1,10 +1,13 @@
 """The ``classification`` task: the label whose text is the likeliest continuation, ``argmax_l log p(l | x)``.
 
-Scoring as in :mod:`lmadapt.evaluation.ranking` (complete multi-token labels, summed).
+Scoring as in :mod:`lmadapt.evaluation.ranking` (complete multi-token labels, summed). Without ``labels``,
+the candidates are the labels of every row of the files, evaluated or not (so ``max_examples`` cannot
+leave a single candidate). Also reads training-format files: the completion is the label.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import Counter
 from collections.abc import Mapping
@@ -20,6 +23,7 @@ from lmadapt.evaluation.examples import (
     candidate_ids,
     check_examples,
     progress_bar,
+    prompt_problem,
     shorten,
     string_problem,
 )
@@ -39,6 +43,10 @@ def classification_predictions(model: nn.Module, tokenizer: PreTrainedTokenizerB
     """
     check_examples("classification", examples)
     gold = _gold_labels(examples, labels)
+    if len(labels) < 2:
+        warnings.warn(f"classification: only {len(labels)} candidate label ({labels[0]!r}), so every example is "
+                      f"predicted as it and the accuracy measures nothing. Give the candidates in labels "
+                      f"(--labels on the command line), or evaluate data that holds several labels.", stacklevel=2)
     label_ids = candidate_ids(tokenizer, labels, "labels")
     _warn_on_prefix_labels(labels, label_ids)
     rows = []
@@ -117,15 +125,26 @@ def _label_problem(value: Any, row: Mapping[str, Any], cfg: EvalConfig | None) -
     return None
 
 
+def data_labels(rows: list[dict[str, Any]]) -> list[str]:
+    """The sorted set of the string labels in ``rows``."""
+    return sorted({row["label"] for row in rows if isinstance(row.get("label"), str)})
+
+
+def _settle(cfg: EvalConfig, values: list[dict[str, Any]]) -> EvalConfig:
+    """Without ``labels``: the labels of every row of the files (not only the first max_examples)."""
+    return cfg if cfg.labels else dataclasses.replace(cfg, labels=data_labels(values))
+
+
 def _run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], cfg: EvalConfig,
          progress: bool | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    labels = list(cfg.labels) or sorted({row["label"] for row in rows})
+    labels = list(cfg.labels) or data_labels(rows)
     predictions = classification_predictions(model, tokenizer, rows, labels, chat=cfg.chat,
                                              system_prompt=cfg.system_prompt, progress=progress)
     return _metrics(rows, predictions, labels, samples=5), predictions
 
 
 TASK = register_task(EvalTask(
-    name="classification", fields={"prompt": string_problem, "label": _label_problem},
+    name="classification", fields={"prompt": prompt_problem, "label": _label_problem},
     reads=("labels", "chat", "system_prompt"), run=_run,
-    summary="the label whose text is the likeliest continuation of the prompt"))
+    summary="the label whose text is the likeliest continuation of the prompt", completion="label",
+    settle=_settle))

@@ -1,4 +1,7 @@
-"""The ``generation`` task: the share of prompts whose greedy generation matches an accepted answer."""
+"""The ``generation`` task: the share of prompts whose greedy generation matches an accepted answer.
+
+Also reads training-format files (:mod:`lmadapt.evaluation.formats`): the completion is the answer.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from lmadapt.decoding.generation import generate
 from lmadapt.errors import LmadaptError
 from lmadapt.evaluation.config import EvalConfig
-from lmadapt.evaluation.examples import check_examples, shorten, string_problem
+from lmadapt.evaluation.examples import check_examples, prompt_problem, shorten
 from lmadapt.evaluation.registry import EvalTask, register_task
 
 
@@ -49,7 +52,8 @@ def generation_predictions(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
         raise LmadaptError(f"generation_accuracy: match must be 'exact' or 'normalized', got {match!r}")
     check_examples("generation", examples)
     outputs = generate(model, tokenizer, [ex["prompt"] for ex in examples], max_new_tokens=max_new_tokens,
-                       chat=chat, system_prompt=system_prompt, batch_size=batch_size, progress=progress)
+                       chat=chat, system_prompt=system_prompt, batch_size=batch_size, progress=progress,
+                       progress_desc="eval generation")
     rows = []
     for ex, out in zip(examples, outputs):
         prediction = out.lstrip().split("\n", 1)[0] if first_line else out
@@ -97,6 +101,6 @@ def _run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict[s
 
 
 TASK = register_task(EvalTask(
-    name="generation", fields={"prompt": string_problem, "answer": _answer_problem},
+    name="generation", fields={"prompt": prompt_problem, "answer": _answer_problem},
     reads=("chat", "system_prompt", "match", "max_new_tokens", "batch_size"), run=_run,
-    summary="greedy generation compared with the accepted answers"))
+    summary="greedy generation compared with the accepted answers", completion="answer"))

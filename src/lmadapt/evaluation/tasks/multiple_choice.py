@@ -18,8 +18,8 @@ from lmadapt.evaluation.examples import (
     candidate_ids,
     check_examples,
     progress_bar,
+    prompt_problem,
     shorten,
-    string_problem,
 )
 from lmadapt.evaluation.ranking import argmax, log_likelihoods
 from lmadapt.evaluation.registry import EvalTask, register_task
@@ -37,7 +37,7 @@ def multiple_choice_predictions(model: nn.Module, tokenizer: PreTrainedTokenizer
     """
     check_examples("multiple_choice", examples)
     rows = []
-    for ex in progress_bar(examples, "multiple choice", progress):
+    for ex in progress_bar(examples, "multiple_choice", progress):
         choices = candidate_ids(tokenizer, ex["choices"], "choices")
         sums, means = log_likelihoods(model, tokenizer, ex["prompt"], choices, chat=chat, system_prompt=system_prompt,
                                       strategy=strategy)
@@ -98,6 +98,6 @@ def _run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict[s
 
 TASK = register_task(EvalTask(
     name="multiple_choice",
-    fields={"prompt": string_problem, "choices": _choices_problem, "answer": _answer_problem},
+    fields={"prompt": prompt_problem, "choices": _choices_problem, "answer": _answer_problem},
     reads=("chat", "system_prompt"), run=_run,
     summary="the choice with the highest log-likelihood after the prompt"))

@@ -37,7 +37,7 @@ def text_nlls(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[
     sums, counts = [0.0] * len(texts), [0] * len(texts)
     device = model_device(model)
     with eval_mode(model):
-        for start in progress_bar(range(0, len(windows), batch_size), "perplexity", progress):
+        for start in progress_bar(range(0, len(windows), batch_size), "perplexity", progress, unit="batches"):
             batch = windows[start:start + batch_size]
             ids, mask = right_pad([w for _, w in batch], device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
