@@ -1,9 +1,9 @@
 """lmadapt: adapt pretrained language models to new tasks, domains and languages.
 
-The public API (see :mod:`lmadapt.api`): ``train``, ``load``, ``merge``, ``inspect``, ``evaluate``,
-``generate``, ``steer`` (generation from model paths, optionally steered), and decoding-time steering of
-loaded models ``steered_generate`` / ``proxy_logprobs`` (see :mod:`lmadapt.decoding.steering`). Imports
-are lazy so that ``import lmadapt`` stays cheap.
+The public API (see :mod:`lmadapt.api`): ``train``, ``preview`` (a dry run of ``train``), ``load``, ``merge``,
+``inspect``, ``evaluate``, ``generate``, ``steer`` (generation from model paths, optionally steered), and
+decoding-time steering of loaded models ``steered_generate`` / ``proxy_logprobs`` (see
+:mod:`lmadapt.decoding.steering`). Imports are lazy so that ``import lmadapt`` stays cheap.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ _EXPORTS = {
     "load": "lmadapt.api",
     "merge": "lmadapt.api",
     "inspect": "lmadapt.api",
+    "preview": "lmadapt.api",
     "steer": "lmadapt.api",
     "evaluate": "lmadapt.evaluation.run",
     "generate": "lmadapt.decoding.generation",

@@ -1,9 +1,9 @@
 """The public Python API: what every ``lmadapt`` command does, as one function call.
 
-``load``, ``merge``, ``inspect``, ``steer`` (generation, optionally steered, from model paths),
-``evaluate_model``, ``vas_train``, ``make_helper`` and ``config_reference`` live here; ``train``
-(:func:`lmadapt.recipes.finetune.train`) and ``run_demo`` (:func:`lmadapt.recipes.demo.run_demo`) are the
-other two commands' calls. Each CLI command is one call to one of these; a notebook calls them the same way.
+``load``, ``merge``, ``inspect``, ``preview`` (``lmadapt train --dry-run``), ``steer`` (generation, optionally
+steered, from model paths), ``evaluate_model``, ``vas_train``, ``make_helper`` and ``config_reference`` live
+here; ``train`` (:func:`lmadapt.recipes.finetune.train`) and ``run_demo`` (:func:`lmadapt.recipes.demo.run_demo`)
+are the other two commands' calls. Each CLI command is one call to one of these; a notebook calls them the same way.
 
     import lmadapt
     result = lmadapt.train("examples/lora_sft.yaml", ["train.max_steps=100"])
@@ -11,21 +11,25 @@ other two commands' calls. Each CLI command is one call to one of these; a noteb
     print(lmadapt.generate(model, tok, ["Hello"], chat=True))
     print(lmadapt.steer("smollm2-360m-instruct", ["Hello"], small_model="smollm2-135m-instruct",
                         expert_adapter=result.adapter_dir, chat=True))
-    lmadapt.merge("smollm2-135m-instruct", result.adapter_dir, "merged/")
+    lmadapt.merge(None, result.adapter_dir, "merged/")   # None: the base model the adapter records
+
+An adapter remembers how it was made (:func:`base_model`, :func:`chat_settings`): ``load``, ``merge``,
+``evaluate_model`` and ``steer`` default to the base model it records, prompt it with the chat template and
+system prompt it was trained with, and ``merge`` writes that template into the merged tokenizer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from lmadapt.adapters.format import (
-    CONFIG_NAME,
-    adapter_metadata,
-    adapter_shapes,
+    AdapterInfo,
     load_adapter_contents,
     read_adapter_info,
 )
@@ -36,13 +40,19 @@ from lmadapt.decoding.value_model import load_value_model
 from lmadapt.errors import LmadaptError
 from lmadapt.evaluation.config import EvalConfig
 from lmadapt.evaluation.predictions import base_predictions_path
+from lmadapt.evaluation.registry import get_task, unknown_task_problem
 from lmadapt.evaluation.run import evaluate
 from lmadapt.fsutil import atomic_dir
-from lmadapt.jsonfile import JsonFileError, read_json, read_json_object
+from lmadapt.hardware import choose_threads
+from lmadapt.inspection import inspect_path
 from lmadapt.methods import Method, available_methods, method_class
+from lmadapt.models.builtins import BUILTINS, find_builtin
 from lmadapt.models.loading import ModelConfig, load_model, model_display_name
 from lmadapt.models.tree import adapters_disabled
 from lmadapt.models.vocab import check_vocabularies
+
+if TYPE_CHECKING:
+    from lmadapt.recipes.dry_run import Preview
 
 
 def _model_config(model: str | ModelConfig, **overrides: Any) -> ModelConfig:
@@ -51,27 +61,73 @@ def _model_config(model: str | ModelConfig, **overrides: Any) -> ModelConfig:
     return ModelConfig(name_or_path=model, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def load(model: str | ModelConfig, adapter: str | Path | None = None, *, dtype: str | None = None,
+def _adapter_info(adapter: str | Path | AdapterInfo | None) -> AdapterInfo | None:
+    return adapter if isinstance(adapter, AdapterInfo) or adapter is None else read_adapter_info(adapter)
+
+
+def base_model(model: str | ModelConfig | None, adapter: str | Path | AdapterInfo | None = None) -> str | ModelConfig:
+    """The model to load: ``model`` when given; else the base model ``adapter`` records, when that is a built-in
+    name or a folder that still exists; else (no adapter) ``model.name_or_path``'s default."""
+    if model is not None:
+        return model
+    info = _adapter_info(adapter)
+    if info is None:
+        return ModelConfig().name_or_path
+    recorded = info.base_model
+    if recorded and (find_builtin(recorded) or Path(recorded).expanduser().is_dir()):
+        return recorded
+    if not recorded:
+        raise LmadaptError(f"adapter {info.path} records no base model; give the model it was trained on with "
+                           f"--model (model=...)")
+    raise LmadaptError(f"adapter {info.path} was trained on base model {recorded!r}, which is neither a built-in "
+                       f"model ({', '.join(BUILTINS)}) nor a folder that exists here; give that model's folder with "
+                       f"--model (model=...)")
+
+
+def chat_settings(adapter: str | Path | AdapterInfo | None, chat: bool | None = None,
+                  system_prompt: str | None = None) -> tuple[bool, str | None]:
+    """(chat, system_prompt) to prompt a model with ``adapter`` as it was trained: each as given, else as the
+    adapter records (chat when its training data went through a chat template, with the system prompt training
+    put before prompt/completion rows). Without an adapter or a record: no chat, no system prompt."""
+    info = _adapter_info(adapter)
+    if chat is None:
+        chat = bool(info is not None and info.chat_template)
+    if system_prompt is None and chat and info is not None:
+        system_prompt = info.system_prompt
+    return chat, system_prompt
+
+
+def load(model: str | ModelConfig | None = None, adapter: str | Path | None = None, *, dtype: str | None = None,
          device: str | None = None, force: bool = False) -> tuple[Any, Any, Method | None]:
     """(model, tokenizer, method): the base model, with the adapter applied (unmerged) when given.
 
-    The tokenizer is the one the adapter folder carries when it carries one (a method that changed the
-    vocabulary saved it), else the base model's; heads an objective trained are restored onto the model.
+    ``model`` None: the base the adapter records (:func:`base_model`). The tokenizer is the one the adapter
+    folder carries when it carries one (a method that changed the vocabulary saved it), else the base model's,
+    with the chat template the adapter was trained with (its record's); heads an objective trained are restored
+    onto the model.
     """
-    cfg = _model_config(model, dtype=dtype, device=device)
+    info = _adapter_info(adapter)
+    cfg = _model_config(base_model(model, info), dtype=dtype, device=device)
     base, tokenizer = load_model(cfg)
     method = None
     if adapter:
         loaded = load_adapter_contents(base, adapter, tokenizer=tokenizer, force=force)
         method, tokenizer = loaded.method, loaded.tokenizer
+        if info is not None and info.chat_template:
+            tokenizer.chat_template = info.chat_template["template"]
     base.eval()
     return base, tokenizer, method
 
 
-def merge(model: str | ModelConfig, adapter: str | Path, output_dir: str | Path, *, overwrite: bool = False,
+def merge(model: str | ModelConfig | None, adapter: str | Path, output_dir: str | Path, *, overwrite: bool = False,
           dtype: str | None = None, force: bool = False) -> Path:
-    """Write base + adapter as one plain transformers model folder (safetensors, tokenizer included)."""
-    cfg = _model_config(model, dtype=dtype)
+    """Write base + adapter as one plain transformers model folder (safetensors, tokenizer included).
+
+    ``model`` None: the base the adapter records. The tokenizer carries the chat template the adapter was
+    trained with, so that transformers' ``apply_chat_template`` prompts the merged model as it was trained.
+    """
+    info = read_adapter_info(adapter)
+    cfg = _model_config(base_model(model, info), dtype=dtype)
     base, tokenizer, method = load(cfg, adapter, force=force)
     assert method is not None
     if not method.mergeable:
@@ -83,73 +139,86 @@ def merge(model: str | ModelConfig, adapter: str | Path, output_dir: str | Path,
         base.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         provenance = {"base_model": model_display_name(cfg), "adapter": str(Path(adapter).resolve()),
-                      "method": method.name}
+                      "method": method.name,
+                      "chat_template": info.chat_template["name"] if info.chat_template else None,
+                      "system_prompt": info.system_prompt}
         (tmp / "lmadapt_merge.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     return Path(output_dir)
 
 
 def inspect(path: str | Path) -> dict[str, Any]:
-    """What an adapter folder, a run folder or a model folder holds, as a dict.
-
-    A file that cannot be read (a damaged config or weights header) raises an :class:`LmadaptError` naming it.
-    """
-    path = Path(path)
-    if (path / "adapter" / CONFIG_NAME).is_file():  # a run folder
-        out = inspect(path / "adapter")
-        report = path / "report.json"
-        if report.is_file():
-            out["run_report"] = _json_file(report, read_json, "run the training again")
-        return out
-    if (path / CONFIG_NAME).is_file():
-        return _inspect_adapter(path)
-    if (path / "config.json").is_file():
-        cfg = _json_file(path / "config.json", read_json_object, "copy or save the model again")
-        return {"kind": "model", "architectures": cfg.get("architectures"), "model_type": cfg.get("model_type"),
-                "hidden_size": cfg.get("hidden_size"), "num_hidden_layers": cfg.get("num_hidden_layers"),
-                "vocab_size": cfg.get("vocab_size")}
-    raise LmadaptError(f"{path}: not an adapter folder ({CONFIG_NAME}), a run folder or a model folder "
-                       f"(config.json)")
+    """What an adapter, model, value-model, helper-model or run folder, or a built-in model name, holds, as a
+    dict whose ``kind`` says which (:func:`lmadapt.inspection.inspect_path`). Nothing is loaded but JSON/YAML
+    files and safetensors headers; a file that cannot be read raises an :class:`LmadaptError` naming it."""
+    return inspect_path(path)
 
 
-def _inspect_adapter(path: Path) -> dict[str, Any]:
-    info = read_adapter_info(path)
-    shapes = adapter_shapes(path)
-    n_params = sum(math.prod(shape) for shape in shapes.values())
-    return {"kind": "adapter", "format": info.source, "method": info.method,
-            "base_model": info.base_model, "base_fingerprint": info.base_fingerprint,
-            "objective": info.objective, "tokenizer": info.has_tokenizer,
-            "tensors": len(shapes), "parameters": n_params,
-            "metadata": adapter_metadata(path), "example_tensors": dict(list(shapes.items())[:4])}
+def preview(config: str | Path | dict[str, Any], overrides: Sequence[str] | dict[str, Any] = (), n: int = 3, *,
+            resume: bool = False) -> Preview:
+    """``lmadapt train --dry-run``: validate a run config as :func:`lmadapt.train` would, write nothing, and
+    return the first ``n`` training examples as rendered, with the tokens that carry loss marked
+    (:func:`lmadapt.recipes.dry_run.dry_run`)."""
+    from lmadapt.recipes.dry_run import dry_run
+
+    return dry_run(config, overrides, n, resume=resume)
 
 
-def _json_file(path: Path, read: Callable[[Path], Any], todo: str) -> Any:
+def _trained_settings(settings: dict[str, Any], adapter: str | Path | None) -> dict[str, Any]:
+    """Evaluation settings with ``chat`` and ``system_prompt`` (absent or None) as the adapter was trained, for
+    a task that reads them."""
+    task = settings.get("task")
+    reads = get_task(task).settings() if isinstance(task, str) and not unknown_task_problem(task) else set()
+    out = {k: v for k, v in settings.items() if not (k in ("chat", "system_prompt") and v is None)}
+    if "chat" in reads:
+        chat, system = chat_settings(adapter, out.get("chat"), out.get("system_prompt"))
+        out["chat"] = chat
+        if system is not None and "system_prompt" in reads:
+            out["system_prompt"] = system
+    return out
+
+
+@contextlib.contextmanager
+def _cpu_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads for this block, as ``train.threads`` chooses them: ``threads`` when > 0, the idle cores
+    when 0 (:func:`lmadapt.hardware.choose_threads`), unchanged when None; restored afterwards."""
+    if threads is not None and threads < 0:
+        raise LmadaptError(f"threads must be >= 0 (0: the idle cores), got {threads}")
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(choose_threads(threads))
     try:
-        return read(path)
-    except JsonFileError as exc:
-        raise LmadaptError(f"{exc}; fix it, or {todo}") from None
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
-def evaluate_model(model: str | ModelConfig, cfg: EvalConfig | dict[str, Any], adapter: str | Path | None = None, *,
+def evaluate_model(model: str | ModelConfig | None, cfg: EvalConfig | dict[str, Any],
+                   adapter: str | Path | None = None, *,
                    compare: bool = False, dtype: str | None = None, device: str | None = None, force: bool = False,
-                   progress: bool | None = None,
-                   predictions: str | Path | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                   progress: bool | None = None, predictions: str | Path | None = None,
+                   threads: int | None = 0) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(metrics of the model with its adapter, metrics of the same model with the adapter off or None).
 
     ``cfg`` is an :class:`EvalConfig` or its fields as a dict; the second result is computed only with
     ``compare=True`` (which needs ``adapter``): pass both to :func:`lmadapt.evaluation.report.compare_table`.
     ``predictions``: a JSONL file for the per-example predictions (with ``compare``, the base model's go to
-    :func:`~lmadapt.evaluation.predictions.base_predictions_path` beside it).
+    :func:`~lmadapt.evaluation.predictions.base_predictions_path` beside it). ``model`` None: the base the adapter
+    records; ``chat`` and ``system_prompt`` absent from a dict: as the adapter was trained (:func:`chat_settings`).
+    ``threads``: CPU threads, as ``train.threads`` (0: the idle cores; None: torch's setting as it is).
+    ``progress``: False shows nothing; None or True a bar on a terminal, else a status line every 30 s.
     """
     if compare and not adapter:
         raise LmadaptError("compare=True evaluates the model with and without its adapter; give adapter=")
-    cfg = cfg if isinstance(cfg, EvalConfig) else from_dict(EvalConfig, cfg, "the evaluation settings")
-    base, tokenizer, _ = load(model, adapter, dtype=dtype, device=device, force=force)
-    after = evaluate(base, tokenizer, cfg, progress=progress, predictions=predictions)
-    if not compare:
-        return after, None
-    with adapters_disabled(base):
-        return after, evaluate(base, tokenizer, cfg, progress=progress,
-                               predictions=base_predictions_path(predictions) if predictions else None)
+    cfg = cfg if isinstance(cfg, EvalConfig) else from_dict(EvalConfig, _trained_settings(cfg, adapter),
+                                                            "the evaluation settings")
+    with _cpu_threads(threads):
+        base, tokenizer, _ = load(model, adapter, dtype=dtype, device=device, force=force)
+        after = evaluate(base, tokenizer, cfg, progress=progress, predictions=predictions)
+        if not compare:
+            return after, None
+        with adapters_disabled(base):
+            return after, evaluate(base, tokenizer, cfg, progress=progress,
+                                   predictions=base_predictions_path(predictions) if predictions else None)
 
 
 def config_reference() -> list[tuple[str, str, str, str]]:
@@ -247,15 +316,15 @@ def _steering_models(given: Mapping[str, Any], name: Mapping[str, str], tokenize
     return out
 
 
-def steer(model: str | ModelConfig, prompts: Sequence[str], *, adapter: str | Path | None = None,
+def steer(model: str | ModelConfig | None, prompts: Sequence[str], *, adapter: str | Path | None = None,
           small_model: str | None = None, expert_adapter: str | Path | None = None, expert: str | None = None,
           anti_expert: str | None = None, beta: float | None = None, expert_chat: bool | None = None,
           value_models: Sequence[str | Path] = (), value_betas: Sequence[float] | None = None,
           vas_top_k: int | None = None, dtype: str | None = None, device: str | None = None, force: bool = False,
           max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-          chat: bool = False, system_prompt: str | None = None, batch_size: int = 8,
+          chat: bool | None = None, system_prompt: str | None = None, batch_size: int = 8,
           stream: Callable[[int, str], None] | None = None, seed: int | None = None, progress: bool | None = False,
-          arg_names: Mapping[str, str] | None = None) -> list[str]:
+          arg_names: Mapping[str, str] | None = None, threads: int | None = 0) -> list[str]:
     """The new text for each prompt from ``model`` (+ ``adapter``), loaded from names or folders, steered by
     proxy-tuning/EFT and VAS when asked; plain :func:`lmadapt.decoding.generation.generate` otherwise.
 
@@ -267,7 +336,10 @@ def steer(model: str | ModelConfig, prompts: Sequence[str], *, adapter: str | Pa
     ``lmadapt vas-train``) with ``value_betas`` (one each, default 1.0) reweight the ``vas_top_k`` (default 10)
     best tokens. The rest is :func:`lmadapt.decoding.steering.steered_generate`'s. Inconsistent combinations
     are refused together, before anything loads, each argument named as ``arg_names`` says (the command line
-    passes its flags; default: the keyword names).
+    passes its flags; default: the keyword names). ``model`` None: the base the adapter records; ``chat`` and
+    ``system_prompt`` None: as the adapter was trained (:func:`chat_settings`; no adapter: no chat).
+    ``threads``: CPU threads, as ``train.threads`` (0: the idle cores; None: torch's setting as it is).
+    ``progress``: False (default) shows nothing; None or True a bar on a terminal, else a status line every 30 s.
     """
     given = {"small_model": small_model, "expert_adapter": expert_adapter, "expert": expert,
              "anti_expert": anti_expert, "beta": beta, "expert_chat": expert_chat, "value_models": value_models,
@@ -276,11 +348,13 @@ def steer(model: str | ModelConfig, prompts: Sequence[str], *, adapter: str | Pa
     problems = _steering_problems(given, name)
     if problems:
         raise LmadaptError("; ".join(problems))
-    base, tokenizer, _ = load(model, adapter, dtype=dtype, device=device, force=force)
-    common = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-              "chat": chat, "system_prompt": system_prompt, "batch_size": batch_size, "stream": stream, "seed": seed,
-              "progress": progress}
-    steering = _steering_models(given, name, tokenizer, {"dtype": dtype, "device": device}, force)
-    if not steering:
-        return generate(base, tokenizer, list(prompts), **common)
-    return steered_generate(base, tokenizer, list(prompts), **steering, **common)
+    with _cpu_threads(threads):
+        base, tokenizer, _ = load(model, adapter, dtype=dtype, device=device, force=force)
+        chat, system_prompt = chat_settings(adapter, chat, system_prompt)
+        common = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                  "chat": chat, "system_prompt": system_prompt, "batch_size": batch_size, "stream": stream,
+                  "seed": seed, "progress": progress}
+        steering = _steering_models(given, name, tokenizer, {"dtype": dtype, "device": device}, force)
+        if not steering:
+            return generate(base, tokenizer, list(prompts), **common)
+        return steered_generate(base, tokenizer, list(prompts), **steering, **common)

@@ -21,8 +21,8 @@ import yaml
 from lmadapt.errors import ConfigError
 from lmadapt.yamlfile import YamlValueError, load_yaml_text, read_yaml
 
-__all__ = ["ConfigError", "brief", "config_source", "deep_merge", "describe", "did_you_mean", "from_dict",
-           "option", "parse_overrides", "read_yaml", "to_dict"]
+__all__ = ["ConfigError", "Replace", "brief", "config_source", "deep_merge", "describe", "did_you_mean",
+           "from_dict", "option", "parse_overrides", "read_yaml", "to_dict"]
 
 T = TypeVar("T")
 
@@ -198,11 +198,20 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """Turn ``["train.lr=1e-4", "method.r=8"]`` into a nested dict; values are parsed as YAML scalars.
+class Replace(dict):
+    """A section given whole (``method={name: full}``): :func:`deep_merge` puts it in place of the section it
+    meets instead of merging into it."""
 
-    A value that is not valid YAML is taken as text; one YAML reads but cannot hold (nested too deeply, an
-    integer over Python's digit limit, an impossible date) is a problem naming the override.
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ``["train.lr=1e-4", "method.r=8"]`` into a nested dict; values are parsed as YAML.
+
+    A dotted key changes one field and keeps the rest of its section; a mapping given as the value
+    (``method={name: full, r: 4}``) is the whole section, a :class:`Replace` that takes the place of the
+    config file's (so ``method={name: full}`` switches methods without the file's LoRA fields). Later
+    overrides apply on top of earlier ones. A value that is not valid YAML is taken as text; one YAML reads
+    but cannot hold (nested too deeply, an integer over Python's digit limit, an impossible date) is a
+    problem naming the override.
     """
     out: dict[str, Any] = {}
     problems = []
@@ -220,6 +229,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             value = raw
         if isinstance(value, str) and _FLOAT.fullmatch(value):  # YAML 1.1 reads 1e-4 as a string
             value = float(value)
+        elif isinstance(value, dict):
+            value = Replace(value)
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -235,11 +246,13 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Return ``base`` updated by ``extra``, recursing into sections."""
+    """Return ``base`` updated by ``extra``, recursing into sections; a :class:`Replace` section of ``extra``
+    takes the place of ``base``'s. The result holds plain dicts only."""
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        if isinstance(value, dict):
+            keep = out.get(key) if isinstance(out.get(key), dict) and not isinstance(value, Replace) else {}
+            out[key] = deep_merge(keep, value)
         else:
             out[key] = value
     return out

@@ -2,11 +2,12 @@
 
 For methods PEFT also has (LoRA), both files follow PEFT's layout, so ``PeftModel.from_pretrained``
 loads an lmadapt adapter and lmadapt loads a PEFT one. lmadapt adds, without disturbing PEFT, a
-*record*: the method name and full config, the base model's name and fingerprint, the lmadapt
-version, and (when the objective trained heads) the objective's config. It is stored as JSON under the key
-``lmadapt`` of the safetensors header metadata (which PEFT ignores), and, for methods PEFT does not have,
-also as ``adapter_config.json["lmadapt"]`` (PEFT warns about unknown keys in its config, so LoRA's JSON
-stays PEFT's own).
+*record*: the method name and full config, the base model's name and fingerprint, the lmadapt version,
+how the training data was rendered (``chat_template``: ``{"name", "template"}``, null when no conversations
+were trained; ``system_prompt``), and (when the objective trained heads) the objective's config. It is stored
+as JSON under the key ``lmadapt`` of the safetensors header metadata (which PEFT ignores), and, for methods
+PEFT does not have, also as ``adapter_config.json["lmadapt"]`` (PEFT warns about unknown keys in its config,
+so LoRA's JSON stays PEFT's own).
 
 What else a folder may carry (see docs/adapters.md):
 
@@ -64,6 +65,8 @@ class AdapterInfo:
     source: str  # "lmadapt" or "peft"
     config: dict[str, Any]  # the raw adapter_config.json
     objective: dict[str, Any] | None = None  # the objective: section whose heads the weights file carries
+    chat_template: dict[str, str] | None = None  # {"name", "template"} the training conversations used; None: none
+    system_prompt: str | None = None  # the system turn training put before prompt/completion rows
 
     @property
     def has_tokenizer(self) -> bool:
@@ -149,7 +152,7 @@ def read_adapter_info(path: str | Path) -> AdapterInfo:
 
 def _lmadapt_info(path: Path, own: dict[str, Any], config: dict[str, Any]) -> AdapterInfo:
     return AdapterInfo(path, own["method"], own.get("base_model"), own.get("base_fingerprint"), "lmadapt", config,
-                       own.get("objective"))
+                       own.get("objective"), own.get("chat_template"), own.get("system_prompt"))
 
 
 def _checked_record(record: Any, where: Path) -> dict[str, Any]:
@@ -162,11 +165,15 @@ def _checked_record(record: Any, where: Path) -> dict[str, Any]:
         raise AdapterError(f"{where}: {RECORD_KEY}.method: required (the method: section that rebuilds the "
                            f"adapter); {again}")
     wanted = {"method": (dict, "an object"), "objective": (dict, "an object"), "base_model": (str, "a string"),
-              "base_fingerprint": (str, "a string")}
+              "base_fingerprint": (str, "a string"), "chat_template": (dict, "an object"),
+              "system_prompt": (str, "a string")}
     for key, (kind, want) in wanted.items():
         value = record.get(key)
         if (value is not None or key == "method") and not isinstance(value, kind):
             raise AdapterError(f"{where}: {RECORD_KEY}.{key}: expected {want}, got {_kind(value)}; {again}")
+    if record.get("chat_template") is not None and not isinstance(record["chat_template"].get("template"), str):
+        raise AdapterError(f"{where}: {RECORD_KEY}.chat_template.template: expected the template's text, got "
+                           f"{_kind(record['chat_template'].get('template'))}; {again}")
     if not isinstance(record["method"].get("name"), str):
         raise AdapterError(f"{where}: {RECORD_KEY}.method.name: expected the method's name (a string), got "
                            f"{_kind(record['method'].get('name'))}; {again}")

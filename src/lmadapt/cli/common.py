@@ -9,25 +9,42 @@ from typing import Any
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """``--model``, ``--adapter``, ``--dtype`` and ``--force``: which model to load, as for :func:`lmadapt.api.load`."""
-    p.add_argument("--model", default="smollm2-135m-instruct", help="built-in name or local model folder")
+    p.add_argument("--model", default=None,
+                   help="built-in name or local model folder (default: the base model the adapter records, else "
+                        "smollm2-135m-instruct)")
     p.add_argument("--adapter", default=None, help="adapter folder (lmadapt or PEFT)")
     p.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--force", action="store_true", help="apply an adapter trained on another base model")
 
 
 def add_config_command(sub: Any, name: str, help: str, config_help: str, example: str,
-                       func: Callable[[argparse.Namespace], int], *, resume: bool = False) -> None:
-    """A subcommand that runs one YAML config with ``key=value`` overrides into an output folder."""
+                       func: Callable[[argparse.Namespace], int], *,
+                       resume: bool = False) -> argparse.ArgumentParser:
+    """A subcommand that runs one YAML config with ``key=value`` overrides (before or after the flags) into an
+    output folder; returns its parser for flags of its own."""
     p = sub.add_parser(name, help=help)
     p.add_argument("config", help=config_help)
-    p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+    p.add_argument("overrides", nargs="*", default=[],
+                   help=f"key=value overrides, before or after the flags, e.g. {example}")
     if resume:
         p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=func)
+    return p
 
 
 def config_overrides(args: argparse.Namespace) -> list[str]:
     """The ``key=value`` overrides of a config command, with ``--overwrite`` as ``overwrite=true``."""
     return list(args.overrides) + (["overwrite=true"] if args.overwrite else [])
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: CPU threads as ``train.threads`` chooses them (0, the default: the idle cores)."""
+    def count(text: str) -> int:
+        value = int(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0 (0: the idle cores), got {value}")
+        return value
+
+    p.add_argument("--threads", type=count, default=0, metavar="N", help="CPU threads (default 0: the idle cores)")

@@ -19,11 +19,13 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Write base + adapter as one plain model folder."""
+    """Write base + adapter as one plain model folder (the base: --model, else the one the adapter records),
+    its tokenizer carrying the chat template the adapter was trained with."""
     from lmadapt.api import merge
 
     if args.adapter is None:
-        print("lmadapt merge: --adapter is required", file=sys.stderr)
+        print("lmadapt merge: error: --adapter is required (the adapter folder to fold into its base model)",
+              file=sys.stderr)
         return 2
     path = merge(args.model, args.adapter, args.output, overwrite=args.overwrite, dtype=args.dtype,
                  force=args.force)

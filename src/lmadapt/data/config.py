@@ -7,6 +7,7 @@ from typing import Literal
 
 from lmadapt.config import option
 from lmadapt.data.readers import unpaired_surrogate
+from lmadapt.data.templates import chat_template_problem
 
 Format = Literal["auto", "text", "prompt_completion", "instruction", "chat"]
 
@@ -34,6 +35,11 @@ class DataConfig:
     use_chat_template: bool = option(
         False, "Render prompt_completion and instruction rows through the tokenizer's chat template as a "
                "user turn and an assistant turn (chat rows always use it).")
+    chat_template: str | None = option(
+        None, "The chat template conversations are rendered with. null: the tokenizer's own (lmadapt's "
+              "fallback, with a notice, when it has none); chatml or fallback: that template by name; or a Jinja "
+              "template written out, or the path of a file holding one. The adapter records it, and merge "
+              "writes it into the merged tokenizer.")
     max_length: int = option(1024, "Tokens per example (and per packed row).")
     truncation: Literal["right", "left", "drop"] = option(
         "right", "An over-long prompt/completion, instruction or chat example: keep its first max_length "
@@ -68,6 +74,8 @@ class DataConfig:
         if isinstance(self.system_prompt, str) and (code := unpaired_surrogate(self.system_prompt)):
             problems.append(f"system_prompt: contains an unpaired surrogate ({code}), which no tokenizer can "
                             f"encode (a command-line argument that was not UTF-8?)")
+        if self.chat_template is not None and (problem := chat_template_problem(self.chat_template)):
+            problems.append(f"chat_template: {problem}")
         if self.use_chat_template and self.format == "text":
             problems.append("use_chat_template: has no effect with format=text (raw documents).")
         return problems

@@ -7,8 +7,9 @@ first and EOS last (``add_eos``).
 Conversations are rendered to one string by the chat template; each assistant reply is located by
 rendering the conversation up to it (with the generation prompt) and through it, and the string is
 tokenized once with character offsets so those spans become labels. The trained span is the reply plus
-the template's end-of-turn marker (trailing whitespace excluded). A tokenizer without a chat template
-uses :data:`FALLBACK_CHAT_TEMPLATE`::
+the template's end-of-turn marker (trailing whitespace excluded). The template is the one
+``data.chat_template`` names (:mod:`lmadapt.data.templates`), else the tokenizer's own; a tokenizer without one
+uses :data:`FALLBACK_CHAT_TEMPLATE` (with a one-time notice on stderr)::
 
     <|user|>\\n{content}{eos}\\n<|assistant|>\\n{content}{eos}\\n
 
@@ -17,6 +18,8 @@ The label of the first token is always -100: nothing before it predicts it.
 
 from __future__ import annotations
 
+import sys
+import weakref
 from typing import Any
 
 import jinja2
@@ -24,26 +27,82 @@ import jinja2
 from lmadapt.data.config import DataConfig
 from lmadapt.data.formats import Example
 from lmadapt.data.readers import unpaired_surrogate
+from lmadapt.data.templates import (
+    FALLBACK_CHAT_TEMPLATE,
+    TOKENIZER_TEMPLATE,
+    ChatTemplate,
+    resolve_chat_template,
+)
 from lmadapt.errors import LmadaptError
 
 IGNORE = -100
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
+CHAT_FORMATS = ("prompt_completion", "instruction")  # the formats use_chat_template turns into conversations
+_NOTIFIED: weakref.WeakSet[Any] = weakref.WeakSet()  # tokenizers whose fallback notice was given
 
 
 class RowProblem(Exception):
     """A single row cannot be tokenized (its message names the row)."""
 
 
-def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-    """The conversation as text, by the tokenizer's chat template or :data:`FALLBACK_CHAT_TEMPLATE`."""
-    template = None if getattr(tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+                template: str | None = None) -> str:
+    """The conversation as text, by ``template`` (Jinja text), else the tokenizer's chat template, else
+    :data:`FALLBACK_CHAT_TEMPLATE` (saying so on stderr, once per tokenizer)."""
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        template = FALLBACK_CHAT_TEMPLATE
+        _notice_fallback(tokenizer)
     return tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt)
+
+
+def _notice_fallback(tokenizer: Any) -> None:
+    if tokenizer in _NOTIFIED:
+        return
+    _NOTIFIED.add(tokenizer)
+    name = getattr(tokenizer, "name_or_path", "") or "this model"
+    print(f"lmadapt: the tokenizer of {name} has no chat template, so conversations are rendered with lmadapt's "
+          f"fallback template (<|role|>\\n{{content}}{{eos}}\\n per turn). To choose one, set data.chat_template "
+          f"(e.g. chatml) when training; an adapter records the template it was trained with (docs/data.md).",
+          file=sys.stderr, flush=True)
+
+
+def chosen_template(tokenizer: Any, cfg: DataConfig) -> ChatTemplate:
+    """The template conversations of ``cfg``'s data are rendered with for ``tokenizer``: the one
+    ``cfg.chat_template`` names, else the tokenizer's own, else the fallback."""
+    if cfg.chat_template is not None:
+        return resolve_chat_template(cfg.chat_template)
+    own = getattr(tokenizer, "chat_template", None)
+    if isinstance(own, str) and own:
+        return ChatTemplate(TOKENIZER_TEMPLATE, own)
+    return ChatTemplate("fallback", FALLBACK_CHAT_TEMPLATE)
+
+
+def set_chat_template(tokenizer: Any, cfg: DataConfig) -> Any:
+    """``tokenizer``, given the template ``cfg.chat_template`` names (unchanged when it names none), so that
+    evaluation and generation during a run, and a tokenizer saved with the adapter, render conversations as
+    the training data was rendered."""
+    if cfg.chat_template is not None:
+        tokenizer.chat_template = resolve_chat_template(cfg.chat_template).template
+    return tokenizer
+
+
+def uses_chat(cfg: DataConfig, formats: str) -> bool:
+    """Whether data of ``formats`` (as :class:`~lmadapt.data.DataReport` gives them: ``"chat"``,
+    ``"chat, instruction"``, ...) went through the chat template under ``cfg``."""
+    found = [f.strip() for f in formats.split(",")]
+    return "chat" in found or (cfg.use_chat_template and any(f in CHAT_FORMATS for f in found))
+
+
+def training_record(cfg: DataConfig, formats: str, tokenizer: Any) -> dict[str, Any]:
+    """What an adapter records about how its data was rendered (``save_adapter(..., extra=...)``): the chat
+    template used (``{"name", "template"}``; None: no conversations) and the system prompt put before
+    prompt/completion and instruction rows (None: none)."""
+    chat = uses_chat(cfg, formats)
+    template = chosen_template(tokenizer, cfg) if chat else None
+    plain = [f.strip() for f in formats.split(",") if f.strip() in CHAT_FORMATS]
+    system = cfg.system_prompt if chat and plain else None
+    return {"chat_template": None if template is None else {"name": template.name, "template": template.template},
+            "system_prompt": system}
 
 
 def special_prefix(tokenizer: Any) -> list[int]:
@@ -60,7 +119,8 @@ def tokenize_example(example: Example, tokenizer: Any, cfg: DataConfig,
                      prefix: list[int]) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one example; raises :class:`RowProblem` when its template refuses it."""
     if example.messages:
-        ids, trained = _tokenize_chat(example, tokenizer)
+        template = resolve_chat_template(cfg.chat_template).template if cfg.chat_template is not None else None
+        ids, trained = _tokenize_chat(example, tokenizer, template)
     else:
         ids, trained = list(prefix), [False] * len(prefix)
         for text, trainable in example.segments:
@@ -83,11 +143,11 @@ def mask_first(labels: list[int]) -> list[int]:
     return [IGNORE] + labels[1:] if labels else labels
 
 
-def _tokenize_chat(example: Example, tokenizer: Any) -> tuple[list[int], list[bool]]:
+def _tokenize_chat(example: Example, tokenizer: Any, template: str | None) -> tuple[list[int], list[bool]]:
     messages = list(example.messages)
     try:
-        text = render_chat(tokenizer, messages)
-        spans = _assistant_spans(tokenizer, messages, text)
+        text = render_chat(tokenizer, messages, template=template)
+        spans = _assistant_spans(tokenizer, messages, text, template)
     except (jinja2.TemplateError, TypeError, ValueError, KeyError) as exc:
         raise RowProblem(f"{example.source}: field 'messages': the chat template refused this conversation "
                          f"({exc})") from None
@@ -100,14 +160,15 @@ def _tokenize_chat(example: Example, tokenizer: Any) -> tuple[list[int], list[bo
     return _tokens_in_spans(tokenizer, text, spans)
 
 
-def _assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], text: str) -> list[tuple[int, int]] | None:
+def _assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], text: str,
+                     template: str | None) -> list[tuple[int, int]] | None:
     """Character spans of each assistant reply (plus end-of-turn marker) in ``text``; None if one is not found."""
     spans, cursor = [], 0
     for i, turn in enumerate(messages):
         if turn["role"] != "assistant":
             continue
-        before = _render_or_none(tokenizer, messages[:i], add_generation_prompt=True)
-        through = render_chat(tokenizer, messages[: i + 1]).rstrip()
+        before = _render_or_none(tokenizer, messages[:i], True, template)
+        through = render_chat(tokenizer, messages[: i + 1], template=template).rstrip()
         if before is not None and text.startswith(through) and through.startswith(before) \
                 and len(before) >= cursor:
             spans.append((len(before), len(through)))
@@ -125,10 +186,11 @@ def _assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], text: str) 
     return spans
 
 
-def _render_or_none(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str | None:
+def _render_or_none(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                    template: str | None) -> str | None:
     """The rendering, or None when the template refuses this prefix (e.g. an empty conversation)."""
     try:
-        return render_chat(tokenizer, messages, add_generation_prompt)
+        return render_chat(tokenizer, messages, add_generation_prompt, template)
     except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError):
         return None
 
