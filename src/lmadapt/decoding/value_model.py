@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +14,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils import ModelOutput
 
 from lmadapt.errors import LmadaptError, ModelError
 from lmadapt.fsutil import atomic_dir
@@ -31,11 +32,22 @@ HEAD_FILE = "value_head.safetensors"
 
 
 @dataclass
-class ValueOutput(ModelOutput):
-    """``values``: (batch, seq) fp32, V of the state ending at each position; ``past_key_values``: the cache."""
+class ValueOutput:
+    """``values``: (batch, seq) fp32, V of the state ending at each position; ``past_key_values``: the cache.
+
+    A plain dataclass, not a transformers ``ModelOutput``: transformers 5.24 renames ``past_key_values`` to
+    ``cache`` in every ``ModelOutput`` subclass's constructor, which broke this one's.
+    """
 
     values: torch.Tensor | None = None
     past_key_values: Any = None
+
+
+@functools.cache
+def _cache_keyword(decoder_class: type[nn.Module]) -> str:
+    """The keyword a decoder's ``forward`` takes its KV cache by: ``cache`` from transformers 5.24, before that
+    ``past_key_values`` (5.24 still accepts it with a warning; 5.40 drops it)."""
+    return "cache" if "cache" in inspect.signature(decoder_class.forward).parameters else "past_key_values"
 
 
 class ValueModel(nn.Module):
@@ -79,14 +91,15 @@ class ValueModel(nn.Module):
                 position_ids: torch.Tensor | None = None, past_key_values: Any = None,
                 use_cache: bool = False) -> ValueOutput:
         """V at every position; with ``use_cache`` the backbone's cache comes back for incremental decoding."""
-        out = self.backbone.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                          position_ids=position_ids, past_key_values=past_key_values,
-                                          use_cache=use_cache)
+        decoder = self.backbone.get_decoder()
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=use_cache, **{_cache_keyword(type(decoder)): past_key_values})
+        cache = out.get("cache", out.get("past_key_values")) if use_cache else None
         hidden = out.last_hidden_state
         with torch.autocast(device_type=hidden.device.type, enabled=False):  # the head runs in fp32
             w, b = self.value_head.weight.float(), self.value_head.bias.float()
             values = F.linear(hidden.float(), w, b).squeeze(-1)
-        return ValueOutput(values=values, past_key_values=out.past_key_values if use_cache else None)
+        return ValueOutput(values=values, past_key_values=cache)
 
 
 def save_value_model(vm: ValueModel, path: str | Path, *, overwrite: bool = False) -> Path:

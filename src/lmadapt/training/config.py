@@ -42,6 +42,10 @@ class TrainConfig:
               "(lmadapt.training.attention): 1.5-1.8x faster forward+backward than torch's fused bf16 kernel, "
               "at the cost of keeping the attention probabilities for the backward pass. fp32 activations always "
               "use sdpa (its fp32 kernel is the faster one). false: the model's own attention.")
+    gradient_checkpointing: bool = option(
+        False, "Recompute each decoder block's activations in the backward pass instead of keeping them "
+               "(lmadapt.training.memory): less activation memory for about a third more compute; the same "
+               "gradients. Transformers models only (not VAS value models).")
     threads: int = option(0, "CPU threads (0: auto, the cores idle when the run starts, or OMP_NUM_THREADS "
                              "when it is set). A resumed run keeps its first count, so it stays bit-exact.")
 

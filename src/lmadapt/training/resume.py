@@ -23,9 +23,10 @@ from lmadapt.training.checkpoint import checkpoint_dirs
 from lmadapt.yamlfile import read_yaml
 
 FREE = ("train.save_every", "train.keep_last", "train.log_every", "train.eval_every", "train.eval_batches",
-        "train.tensorboard", "train.nan_policy")
+        "train.tensorboard", "train.nan_policy", "train.gradient_checkpointing")
 """Keys a resumed run may change: they decide what is logged, validated and kept (and, for ``nan_policy``,
-whether a non-finite step stops the run), not what a completed step computes."""
+whether a non-finite step stops the run; for ``gradient_checkpointing``, what is recomputed instead of
+stored), not what a completed step computes."""
 KEPT = ("train.threads",)
 """Keys whose value the run keeps from its first start whatever the config says (the thread count decides
 the order of float sums, so keeping it keeps the resume bit-exact)."""
