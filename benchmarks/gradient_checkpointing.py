@@ -30,6 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_common import model_folder
+
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 SIDES = {"off": False, "on": True}  # the value of train.gradient_checkpointing on each side
@@ -45,21 +47,6 @@ def write_rows(path: Path, n: int, min_words: int, max_words: int, seed: int = 0
         for r in (train_rows + test_rows)[:n]:
             row = make_row(r["text"], r["label"], rng.randint(min_words, max_words))
             fh.write(json.dumps({"prompt": row["prompt"], "completion": row["completion"]}) + "\n")
-
-
-def model_folder(name: str, workdir: Path) -> str:
-    """A model folder for ``name``: 'tiny' (lmadapt.testing's tiny Llama), a built-in name, or a folder."""
-    if name == "tiny":
-        from lmadapt.testing import tiny_llama, tiny_tokenizer
-
-        folder = workdir / "tiny"
-        if not folder.exists():
-            tiny_llama().save_pretrained(folder)
-            tiny_tokenizer().save_pretrained(folder)
-        return str(folder)
-    from lmadapt.models.builtins import resolve_model_path
-
-    return str(resolve_model_path(name))
 
 
 def worker(args: argparse.Namespace, side: str) -> dict:

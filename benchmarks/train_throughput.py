@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import model_folder
+
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 COMPARE_STEPS = 50  # the loss curves are compared over the first this many steps
@@ -58,20 +60,6 @@ def _rows(n: int, seed: int, min_words: int, max_words: int) -> list[dict]:
     rng = random.Random(seed)
     return [{k: v for k, v in make_row(r["text"], r["label"], rng.randint(min_words, max_words)).items()
              if k in ("prompt", "completion")} for r in pool[:n]]
-
-
-def _model_folder(name: str, workdir: Path) -> str:
-    if name == "tiny":
-        from lmadapt.testing import tiny_llama, tiny_tokenizer
-
-        folder = workdir / "tiny"
-        if not folder.exists():
-            tiny_llama().save_pretrained(folder)
-            tiny_tokenizer().save_pretrained(folder)
-        return str(folder)
-    from lmadapt.models.builtins import resolve_model_path
-
-    return str(resolve_model_path(name))
 
 
 def _data_config(args: argparse.Namespace, data_file: Path) -> dict:
@@ -331,7 +319,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         workdir = Path(args.workdir)
-        folder = _model_folder(args.model, workdir)
+        folder = model_folder(args.model, workdir)
         fn = {"lmadapt": worker_lmadapt, "hf": worker_hf, "numerics": worker_numerics}[args.worker]
         out = fn(args, folder, workdir / "data.jsonl", workdir / f"out-{args.worker}")
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -342,7 +330,7 @@ def main() -> None:
     with open(workdir / "data.jsonl", "w", encoding="utf-8") as fh:
         for row in _rows(args.examples, 0, args.min_words, args.max_words):
             fh.write(json.dumps(row) + "\n")
-    folder = _model_folder(args.model, workdir)  # convert a built-in once, outside the timed workers
+    folder = model_folder(args.model, workdir)  # convert a built-in once, outside the timed workers
     _, dataset, _ = _dataset_and_plan(args, folder, workdir / "data.jsonl")
     lengths = [len(ids) for ids in dataset.input_ids]
     targets = sum(sum(1 for t in labels[1:] if t != -100) for labels in dataset.labels)
