@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lmadapt.config import option
-from lmadapt.errors import ConfigError
+from lmadapt.errors import LmadaptError
 from lmadapt.models.tree import adapters_disabled
 from lmadapt.objectives.base import LossOutput, Objective, register_objective
 from lmadapt.objectives.causal_lm import (
@@ -223,7 +223,9 @@ class Distill(Objective):
         cfg = self.config
         teacher: nn.Module | str = self.teacher if self.teacher is not None else cfg.teacher
         if teacher != BASE and isinstance(teacher, str):
-            teacher = self.teacher = _load_teacher(teacher, tokenizer, model, device)
+            dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(next(model.parameters()).dtype, "fp32")
+            teacher = self.teacher = load_teacher(teacher, tokenizer, dtype=dtype, device=device,
+                                                  what="objective.teacher")
         self._loss = distillation_loss(teacher, temperature=cfg.temperature, distill_weight=cfg.distill_weight,
                                        lm_weight=cfg.lm_weight, vocab_size=len(tokenizer) if tokenizer else None,
                                        chunk_size=cfg.chunk_size)
@@ -239,16 +241,25 @@ class Distill(Objective):
         return LossOutput(loss, n, outputs, {k: float(v) for k, v in sums.items()})
 
 
-def _load_teacher(name: str, tokenizer: Any, student: nn.Module, device: torch.device) -> nn.Module:
-    """The frozen teacher ``name`` on ``device`` in the student's dtype; refused unless it shares the tokenizer."""
+def load_teacher(name: str, tokenizer: Any, *, dtype: str, device: torch.device, what: str = "teacher",
+                 hint: str = "") -> nn.Module:
+    """The frozen teacher ``name`` (eval mode, no gradients) on ``device`` in ``dtype``; refused unless it has the
+    tokenizer of the model being trained and a logit for each of its tokens. ``what`` names the setting in
+    messages; ``hint`` is appended to the advice."""
     from lmadapt.models.loading import ModelConfig, load_model
     from lmadapt.models.vocab import vocabulary_mismatch
 
-    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(next(student.parameters()).dtype, "fp32")
     teacher, teacher_tok = load_model(ModelConfig(name_or_path=name, dtype=dtype, device=str(device)))
     if tokenizer is not None:
         mismatch = vocabulary_mismatch(tokenizer, teacher_tok)
         if mismatch:
-            raise ConfigError([f"objective.teacher: {name!r} has another tokenizer than the model being trained "
-                               f"({mismatch}); distillation needs the same vocabulary"])
-    return teacher
+            raise LmadaptError(
+                f"{what}: {name!r} has a different tokenizer from the model being trained "
+                f"({len(teacher_tok.get_vocab()):,} vs {len(tokenizer.get_vocab()):,} tokens; it differs {mismatch}). "
+                f"Distillation compares next-token distributions over one vocabulary: use a teacher with the same "
+                f"tokenizer{hint}.")
+        width = teacher.get_output_embeddings().weight.shape[0]
+        if width < len(tokenizer):
+            raise LmadaptError(f"{what}: {name!r} has {width:,} output logits but the tokenizer has "
+                               f"{len(tokenizer):,} tokens; it cannot be distilled over that vocabulary")
+    return teacher.eval().requires_grad_(False)

@@ -27,7 +27,6 @@ from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForC
 
 from lmadapt.config import config_source, from_dict, option, to_dict
 from lmadapt.data import DataConfig, load_splits
-from lmadapt.errors import LmadaptError
 from lmadapt.fsutil import (
     atomic_dir,
     atomic_write_text,
@@ -35,13 +34,11 @@ from lmadapt.fsutil import (
 from lmadapt.methods import build_method
 from lmadapt.models.builtins import default_cache_dir, resolve_model_path
 from lmadapt.models.loading import (
-    ModelConfig,
-    load_model,
     load_tokenizer,
 )
-from lmadapt.models.vocab import vocabulary_mismatch
 from lmadapt.objectives.causal_lm import causal_lm_loss
 from lmadapt.objectives.distill import Distill, DistillConfig, distillation_loss
+from lmadapt.objectives.distill import load_teacher as load_distill_teacher
 from lmadapt.training.config import TrainConfig
 from lmadapt.training.loop import LoopResult, to_device
 from lmadapt.training.precision import autocast
@@ -185,19 +182,8 @@ def load_teacher(cfg: HelperConfig, tokenizer: Any, device: torch.device) -> nn.
     name = cfg.teacher_name()
     if name is None:
         return None
-    dtype = "bf16" if cfg.train.precision == "bf16" else "fp32"
-    teacher, teacher_tok = load_model(ModelConfig(name_or_path=name, dtype=dtype, device=str(device)))
-    mismatch = vocabulary_mismatch(tokenizer, teacher_tok)
-    if mismatch:
-        raise LmadaptError(f"teacher {name!r} has a different tokenizer from tokenizer_from "
-                           f"{cfg.tokenizer_from!r} ({len(teacher_tok.get_vocab()):,} vs {len(tokenizer.get_vocab()):,} "
-                           f"tokens; it differs {mismatch}). Distillation compares next-token distributions over one vocabulary: "
-                           f"use a teacher with the same tokenizer, or teacher=null.")
-    width = teacher.get_output_embeddings().weight.shape[0]
-    if width < len(tokenizer):
-        raise LmadaptError(f"teacher {name!r} has {width:,} output logits but its tokenizer has "
-                           f"{len(tokenizer):,} tokens; it cannot be distilled over that vocabulary")
-    return teacher.eval().requires_grad_(False)
+    return load_distill_teacher(name, tokenizer, dtype="bf16" if cfg.train.precision == "bf16" else "fp32",
+                                device=device, hint=", or teacher=null")
 
 
 @torch.no_grad()

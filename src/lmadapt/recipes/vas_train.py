@@ -254,7 +254,6 @@ def _train_one(cfg: VasConfig, reward: Reward, samples: list[Sample], out: Path,
     targets, stats = reward_targets(train_set, reward.spec, normalize=cfg.normalize_rewards, clip=cfg.reward_clip)
     val_targets = reward_targets(val_set, reward.spec, normalize=cfg.normalize_rewards, clip=cfg.reward_clip,
                                  stats=stats)[0] if val_set else []
-    torch.manual_seed(cfg.train.seed)  # adapter init (lora), as lmadapt.train does
     backbone, tokenizer = load_model(dataclasses.replace(cfg.model, name_or_path=cfg.value_backbone or
                                                          cfg.model.name_or_path))
     info = {**base_info, "reward": reward.spec, "reward_name": reward.name, "rewards": [reward.spec],
