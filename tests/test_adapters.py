@@ -124,7 +124,6 @@ def test_lmadapt_loads_a_peft_adapter(cfg: dict, tmp_path: Path) -> None:
 
 @pytest.mark.filterwarnings("ignore")  # PEFT's own warnings about the odd configs built here
 @pytest.mark.parametrize(("cfg", "feature"), [
-    ({"target_modules": ["q_proj"], "use_dora": True}, "use_dora"),
     ({"target_modules": ["q_proj", "v_proj"], "rank_pattern": {"v_proj": 2}}, "rank_pattern"),
     ({"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"target_modules": ["q_proj"], "lora_bias": True}, "lora_bias"),

@@ -310,7 +310,7 @@ def test_refusals(folders: dict[str, Path], tmp_path: Path) -> None:
     donor = tiny_llama()
     full.apply(donor)
     save_adapter(donor, full, tmp_path / "full", base_model="tiny", base_fingerprint=None)
-    with pytest.raises(AdapterError, match="only LoRA adapters can share a model"):
+    with pytest.raises(AdapterError, match="only plain LoRA adapters can share a model"):
         load_adapter(tiny_llama(), tmp_path / "full", name="full")
     x = ids()
     close(logits(model, x), logits(alone(folders["default"]), x))  # nothing above changed the model

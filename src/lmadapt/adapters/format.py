@@ -43,7 +43,7 @@ from lmadapt.config import brief
 from lmadapt.errors import AdapterError, LmadaptError
 from lmadapt.fsutil import atomic_dir
 from lmadapt.jsonfile import JsonFileError, read_json_object
-from lmadapt.methods import Method, build_method, method_for_peft_type, method_spec
+from lmadapt.methods import Method, build_method, method_for_peft, method_spec
 from lmadapt.objectives.base import Objective, build_objective, objective_spec
 from lmadapt.training.distributed import gathered_state
 
@@ -133,7 +133,7 @@ def read_adapter_info(path: str | Path) -> AdapterInfo:
     if RECORD_KEY in config:
         return _lmadapt_info(path, _checked_record(config[RECORD_KEY], cfg_file), config)
     peft_type = config.get("peft_type")
-    cls = method_for_peft_type(peft_type) if peft_type else None
+    cls = method_for_peft(config) if peft_type else None
     if peft_type and cls is None:
         raise AdapterError(f"{cfg_file}: PEFT adapter type {brief(peft_type)} is not supported by lmadapt")
     own = _header_record(weights)
@@ -317,10 +317,10 @@ def load_adapter_contents(model: nn.Module, path: str | Path, *, tokenizer: Any 
             base_fingerprint = fingerprint(model, exclude=adapter_parameter_names(model).__contains__)
         check_base(info, model, base_fingerprint)
     method, objective = _build(info, heads)
-    named = hasattr(method, "adapter_name")  # methods that can share a model with others (LoRA)
+    named = method.named_adapters  # methods that can share a model with others (LoRA)
     if not named and (name != DEFAULT_ADAPTER or trainable is not None):
         raise AdapterError(f"{info.path}: a {method.name!r} adapter cannot be loaded under a name or as "
-                           f"frozen: only LoRA adapters can share a model; load it on its own")
+                           f"frozen: only plain LoRA adapters can share a model; load it on its own")
     tokenizer = adapter_tokenizer(info.path) if info.has_tokenizer else tokenizer
     if method.changes_tokenizer and tokenizer is None:
         raise AdapterError(f"{info.path}: method {method.name!r} changes the tokenizer, but the folder carries "

@@ -7,7 +7,7 @@ from lmadapt.methods.registry import (
     build_method,
     config_with_method,
     method_class,
-    method_for_peft_type,
+    method_for_peft,
     method_problems,
     method_spec,
     register,
@@ -15,5 +15,5 @@ from lmadapt.methods.registry import (
 
 __all__ = [
     "Method", "ParamGroup", "StepContext", "available_methods", "build_method", "config_with_method", "method_class",
-    "method_for_peft_type", "method_problems", "method_spec", "register",
+    "method_for_peft", "method_problems", "method_spec", "register",
 ]

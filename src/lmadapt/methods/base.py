@@ -86,6 +86,12 @@ class Method:
     trains_base_weights: ClassVar[bool] = False  # True: the optimizer updates base weights (kept in fp32)
     causal_attention: ClassVar[bool] = True  # False: the method lets positions attend to later ones
     changes_tokenizer: ClassVar[bool] = False  # True: prepare() changes the tokenizer; adapters then carry it
+    # True: several adapters of this method may share one model under names (``adapter_name``/``trainable``
+    # attributes; lmadapt.adapters.pool switches and routes them). Only such adapters load under a name.
+    named_adapters: ClassVar[bool] = False
+    # True: apply() rewrites base weights (PiSSA-style residuals) but the adapter modules can still give the
+    # base model's outputs (adapters_disabled) and merge back to a plain model; False: base weights untouched.
+    rewrites_base_weights: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -174,6 +180,20 @@ class Method:
     def adapter_config(self) -> dict[str, Any]:
         """Fields for ``adapter_config.json`` besides lmadapt's own (PEFT's fields, when PEFT has the method)."""
         return {}
+
+    def export(self, model: nn.Module) -> tuple[Method, dict[str, torch.Tensor]] | None:
+        """The portable form of the trained adapter, written as a run's final ``adapter/`` in place of this
+        method's own (checkpoints always keep the own form, which resumes exactly): a method and the tensors
+        in its format, e.g. a PiSSA adapter as a plain LoRA of the *unmodified* base that PEFT and vLLM load.
+        None (the default): the own form is the portable one."""
+        return None
+
+    @classmethod
+    def claims_peft(cls, peft_config: dict[str, Any]) -> bool:
+        """Whether this method reads the PEFT adapter configured by ``peft_config`` (its ``adapter_config.json``).
+        The default: its ``peft_type`` matches. Methods sharing a PEFT type (LoRA and DoRA: "LORA") tell their
+        files apart here; a method whose files only lmadapt's record identifies returns False."""
+        return peft_config.get("peft_type") == cls.peft_type
 
     @classmethod
     def config_from_peft(cls, peft_config: dict[str, Any]) -> dict[str, Any]:

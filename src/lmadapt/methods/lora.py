@@ -47,6 +47,7 @@ class Lora(Method):
     config_class = LoraConfig
     peft_type = "LORA"
     mergeable = True
+    named_adapters = True
 
     def __init__(self, config: LoraConfig, adapter_name: str = DEFAULT_ADAPTER,
                  trainable: bool | None = None) -> None:
@@ -151,6 +152,11 @@ class Lora(Method):
             "modules_to_save": None,
             "inference_mode": True,
         }
+
+    @classmethod
+    def claims_peft(cls, peft_config: dict[str, Any]) -> bool:
+        """PEFT "LORA" files, except DoRA's (``use_dora``), which the dora method reads."""
+        return super().claims_peft(peft_config) and not peft_config.get("use_dora")
 
     @classmethod
     def config_from_peft(cls, peft: dict[str, Any]) -> dict[str, Any]:

@@ -21,10 +21,11 @@ def build_method(spec: dict[str, Any] | Method) -> Method:
     return METHODS.build(spec)
 
 
-def method_for_peft_type(peft_type: str) -> type[Method] | None:
-    """The registered method that reads PEFT adapters of ``peft_type`` (e.g. "LORA"), if any."""
+def method_for_peft(peft_config: dict[str, Any]) -> type[Method] | None:
+    """The registered method that reads the PEFT adapter whose ``adapter_config.json`` is ``peft_config``, if
+    any: the one whose :meth:`Method.claims_peft` accepts it (e.g. a "LORA" config with ``use_dora`` is DoRA's)."""
     for cls in METHODS.classes():
-        if cls.peft_type == peft_type:
+        if cls.peft_type is not None and cls.claims_peft(peft_config):
             return cls
     return None
 
