@@ -76,17 +76,24 @@ class AdapterInfo:
 
 def save_adapter(model: nn.Module, method: Method, path: str | Path, *, base_model: str | None,
                  base_fingerprint: str | None, overwrite: bool = False, extra: dict[str, Any] | None = None,
-                 tokenizer: Any = None, objective: Objective | None = None) -> Path:
+                 tokenizer: Any = None, objective: Objective | None = None, export: bool = False) -> Path:
     """Write the adapter atomically into folder ``path`` (refusing an existing one unless ``overwrite``).
 
     ``tokenizer``: also write its files into the folder (give it when ``method.changes_tokenizer``).
     ``objective``: also store the heads it trained (its ``trainable_state``, under ``lmadapt_objective.<key>``)
     and its config in the record, so that loading restores them; an objective without heads adds nothing.
     Tensors are read through :func:`lmadapt.training.distributed.gathered_state`.
+    ``export``: write the method's portable form (:meth:`Method.export`; e.g. a PiSSA adapter as a plain LoRA of
+    the unmodified base) when it has one, with the record noting the method it came from (``exported_from``).
     """
     from lmadapt import __version__
 
-    state = _cpu(gathered_state(method, model))
+    exported = method.export(model) if export else None
+    if exported is not None:
+        extra = {**(extra or {}), "exported_from": method_spec(method)}
+        method, state = exported[0], _cpu(exported[1])
+    else:
+        state = _cpu(gathered_state(method, model))
     heads = _cpu(gathered_state(objective, model)) if objective is not None else {}
     clash = sorted(k for k in state if k.startswith(OBJECTIVE_PREFIX))
     if clash:

@@ -106,10 +106,9 @@ class Lora(Method):
         """Remove this adapter (a merged one stays in the weights); a layer left without adapters becomes
         a plain ``nn.Linear`` again."""
         for name, m in self._layers(model):
-            if m.adapter_names == (self.adapter_name,):
+            m.remove_adapter(self.adapter_name)
+            if not m.adapter_names:
                 replace_module(model, name, m.as_linear())
-            else:
-                m.remove_adapter(self.adapter_name)
 
     def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """This adapter's factors under PEFT's keys, whatever its name in the model."""
@@ -124,7 +123,7 @@ class Lora(Method):
         expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight" for n in factors for ab in "AB"}
         missing, unexpected = expected - state.keys(), state.keys() - expected
         if missing or unexpected:
-            raise KeyError(_key_mismatch(missing, unexpected))
+            raise KeyError(key_mismatch(missing, unexpected))
         with torch.no_grad():
             for name, f in factors.items():
                 for ab in "AB":
@@ -144,7 +143,7 @@ class Lora(Method):
             "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout,
             "use_rslora": cfg.rslora,
-            "target_modules": _peft_targets(cfg.target_modules, getattr(self, "module_names", None),
+            "target_modules": peft_targets(cfg.target_modules, getattr(self, "module_names", None),
                                             cfg.exclude_modules),
             "bias": "none",
             "fan_in_fan_out": False,
@@ -194,7 +193,7 @@ class Lora(Method):
                 "target_modules": sorted(targets), "exclude_modules": list(exclude)}
 
 
-def _peft_targets(targets: list[str], names: list[str] | None, exclude: list[str]) -> Any:
+def peft_targets(targets: list[str], names: list[str] | None, exclude: list[str]) -> Any:
     """PEFT's ``target_modules``: the same list when it has PEFT's meaning, else an exact-match regex."""
     plain = all(not t.startswith("re:") for t in targets)
     if plain and not exclude and ("all-linear" not in targets or len(targets) == 1):
@@ -204,10 +203,11 @@ def _peft_targets(targets: list[str], names: list[str] | None, exclude: list[str
     return "^(" + "|".join(re.escape(n) for n in names) + ")$"
 
 
-def _key_mismatch(missing: set[str], unexpected: set[str]) -> str:
+def key_mismatch(missing: set[str], unexpected: set[str]) -> str:
     parts = []
     if missing:
         parts.append(f"{len(missing)} adapter tensor(s) missing, e.g. {sorted(missing)[0]}")
     if unexpected:
         parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {sorted(unexpected)[0]}")
     return "; ".join(parts) + " (was the adapter trained on a model with other module names?)"
+

@@ -24,10 +24,13 @@ from lmadapt.config import option
 from lmadapt.errors import LmadaptError
 
 DEFAULT_ADAPTER = "default"
+RESIDUAL = "<residual>"  # in a layer's per-call plan: add back what a PiSSA-style start took out of the weight
 
 
 @dataclass
-class LoraConfig:
+class LowRankConfig:
+    """The fields every LoRA-shaped method shares (LoRA itself, and the methods that start it differently)."""
+
     r: int = option(8, "Rank of the update B A.")
     alpha: float = option(16.0, "Scale numerator: the update is multiplied by alpha/r (alpha/sqrt(r) with rslora).")
     dropout: float = option(0.0, "Dropout on the adapter's input (training only).")
@@ -37,9 +40,6 @@ class LoraConfig:
         "Linear layers to adapt: trailing dotted names ('q_proj', 'self_attn.q_proj'), 're:<regex>' on "
         "the full name, or 'all-linear' (every linear layer but the output head).")
     exclude_modules: list[str] = option([], "Names or 're:' patterns to leave alone among the targets.")
-    init: Literal["default", "gaussian", "random"] = option(
-        "default", "default: A Kaiming-uniform, B = 0 (PEFT's default); gaussian: A ~ N(0, 1/r), B = 0; "
-        "random: B random too (not identity at init; for tests).")
     lr_ratio_b: float = option(1.0, "Learning-rate multiplier for B relative to A (LoRA+ uses ~16).")
 
     def check(self) -> list[str]:
@@ -57,15 +57,22 @@ class LoraConfig:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
-def _add_factors(holder: nn.Module, in_features: int, out_features: int, cfg: LoraConfig,
-                 device: torch.device, trainable: bool) -> None:
+@dataclass
+class LoraConfig(LowRankConfig):
+    init: Literal["default", "gaussian", "random"] = option(
+        "default", "default: A Kaiming-uniform, B = 0 (PEFT's default); gaussian: A ~ N(0, 1/r), B = 0; "
+        "random: B random too (not identity at init; for tests).")
+
+
+def add_factors(holder: nn.Module, in_features: int, out_features: int, cfg: LowRankConfig,
+                device: torch.device, trainable: bool) -> None:
     """Give ``holder`` one adapter's ``lora_A``/``lora_B`` (fp32), ``scaling`` and ``dropout``, initialised."""
     factory = {"device": device, "dtype": torch.float32}
     holder.lora_A = nn.Parameter(torch.empty(cfg.r, in_features, **factory), requires_grad=trainable)
     holder.lora_B = nn.Parameter(torch.zeros(out_features, cfg.r, **factory), requires_grad=trainable)
     holder.scaling = cfg.scaling
     holder.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-    _init_factors(holder.lora_A, holder.lora_B, cfg.init)
+    _init_factors(holder.lora_A, holder.lora_B, getattr(cfg, "init", "default"))
 
 
 def _init_factors(a: nn.Parameter, b: nn.Parameter, init: str) -> None:
@@ -85,10 +92,23 @@ class LoraFactors(nn.Module):
 
     casts_own_parameters = True  # run in the activations' dtype, like the layer's own factors
 
-    def __init__(self, in_features: int, out_features: int, cfg: LoraConfig, device: torch.device,
+    def __init__(self, in_features: int, out_features: int, cfg: LowRankConfig, device: torch.device,
                  trainable: bool) -> None:
         super().__init__()
-        _add_factors(self, in_features, out_features, cfg, device, trainable)
+        add_factors(self, in_features, out_features, cfg, device, trainable)
+
+
+class ResidualFactors(nn.Module):
+    """The frozen factors (A0, B0, s0) a PiSSA-style start took out of a layer's weight (W = W0 - s0 B0 A0)."""
+
+    casts_own_parameters = True
+
+    def __init__(self, a0: torch.Tensor, b0: torch.Tensor, scaling: float) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(a0.detach().float().clone(), requires_grad=False)
+        self.lora_B = nn.Parameter(b0.detach().float().clone(), requires_grad=False)
+        self.scaling = scaling
+        self.dropout = nn.Identity()
 
 
 class RowRouting:
@@ -125,7 +145,7 @@ class LoraLinear(nn.Module):
 
     casts_own_parameters = True  # the fp32 factors run in the activations' dtype (see _factors)
 
-    def __init__(self, base: nn.Linear, cfg: LoraConfig, name: str = DEFAULT_ADAPTER,
+    def __init__(self, base: nn.Linear, cfg: LowRankConfig, name: str = DEFAULT_ADAPTER,
                  trainable: bool = True) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -143,6 +163,10 @@ class LoraLinear(nn.Module):
         self._merged: set[str] = set()
         self._plan: tuple[tuple[str, float], ...] | None = None  # (adapter, +1 add / -1 take out) per call
         self._cached: dict[str, tuple] = {}  # inference-time cast factors per adapter, see _factors
+        # Set by start_from (PiSSA, OLoRA, CorDA): weight holds W0 - s0 B0 A0, and whenever adapter
+        # _residual_owner is not in effect the call adds s0 B0 A0 x back, so the base model's outputs stay reachable.
+        self.residual: ResidualFactors | None = None
+        self._residual_owner: str | None = None
         self.add_adapter(name, cfg, trainable)
 
     # --- which adapters the layer holds --------------------------------------------------------------
@@ -160,21 +184,44 @@ class LoraLinear(nn.Module):
             return self.extra_adapters[name]
         raise KeyError(f"this layer holds no LoRA adapter named {name!r} (it holds {list(self.adapter_names)})")
 
-    def add_adapter(self, name: str, cfg: LoraConfig, trainable: bool = True) -> None:
+    def add_adapter(self, name: str, cfg: LowRankConfig, trainable: bool = True) -> None:
         """Add adapter ``name`` (config ``cfg``); frozen unless ``trainable``."""
         if name in self.adapter_names:
             raise ValueError(f"this layer already holds a LoRA adapter named {name!r}")
         if name == DEFAULT_ADAPTER:
-            _add_factors(self, self.in_features, self.out_features, cfg, self.weight.device, trainable)
+            add_factors(self, self.in_features, self.out_features, cfg, self.weight.device, trainable)
         else:
             self.extra_adapters[name] = LoraFactors(self.in_features, self.out_features, cfg,
                                                     self.weight.device, trainable)
         self.train(self.training)  # the new dropout follows the layer's mode
         self._forget(name)
 
+    def start_from(self, name: str, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        """Start adapter ``name`` at A = ``a0``, B = ``b0`` and take s B0 A0 out of the weight (PiSSA, OLoRA,
+        CorDA): the layer's output is unchanged, and the frozen (A0, B0) give the base output back whenever
+        the adapter is not in effect. Computed in fp32, stored in the weight's dtype."""
+        f = self.factors(name)
+        old = self._residual_delta() if self.residual is not None else 0.0
+        with torch.no_grad():
+            f.lora_A.copy_(a0)
+            f.lora_B.copy_(b0)
+            self.residual = ResidualFactors(a0.to(self.weight.device), b0.to(self.weight.device), f.scaling)
+            # old - new is exactly 0 when a load restores the start it was saved with: the weight does not move
+            self.weight.copy_((self.weight.float() + (old - self._residual_delta())).to(self.weight.dtype))
+        self._residual_owner = name
+        self._cached.clear()
+        self._plan = None
+
     def remove_adapter(self, name: str) -> None:
-        """Drop adapter ``name``'s factors. The weight is left as it is: a merged adapter stays folded in."""
+        """Drop adapter ``name``'s factors. The weight is left as it is: a merged adapter stays folded in.
+        The adapter a PiSSA-style start belongs to gives back what it took out of the weight when it is not merged
+        (the base model returns), and leaves it out when merged (the weight is then the merged model)."""
         self.factors(name)  # raises for an unknown name
+        if name == self._residual_owner:
+            if name not in self._merged:
+                with torch.no_grad():
+                    self.weight += self._residual_delta().to(self.weight.dtype)
+            self.residual, self._residual_owner = None, None
         if name in self.extra_adapters:
             del self.extra_adapters[name]
         else:
@@ -200,6 +247,10 @@ class LoraLinear(nn.Module):
         """s B A of adapter ``name``, in fp32."""
         f = self.factors(name)
         return (f.lora_B.float() @ f.lora_A.float()) * f.scaling
+
+    def _residual_delta(self) -> torch.Tensor:
+        r = self.residual
+        return (r.lora_B.float() @ r.lora_A.float()) * r.scaling
 
     # --- switching and merging -----------------------------------------------------------------------
     @property
@@ -258,8 +309,9 @@ class LoraLinear(nn.Module):
         """(adapter, sign) updates a call makes when ``live`` adapters should be in effect."""
         held = self.adapter_names
         on = [n for n in live if n in held and n not in self._disabled]
+        back = [(RESIDUAL, 1.0)] if self.residual is not None and self._residual_owner not in on else []
         return tuple([(n, 1.0) for n in on if n not in self._merged]
-                     + [(n, -1.0) for n in held if n in self._merged and n not in on])
+                     + [(n, -1.0) for n in held if n in self._merged and n not in on] + back)
 
     # --- forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -276,7 +328,7 @@ class LoraLinear(nn.Module):
     def _update(self, out: torch.Tensor, x: torch.Tensor, name: str, sign: float) -> torch.Tensor:
         """out + sign s B A dropout(x), as one GEMM with accumulate: no separate scale and add over the
         activations. Dropout only when adding (training); taking a merged adapter out uses x itself."""
-        f = self if name == DEFAULT_ADAPTER else self.extra_adapters[name]
+        f = self.residual if name == RESIDUAL else self if name == DEFAULT_ADAPTER else self.extra_adapters[name]
         h = f.dropout(x) if sign > 0 and self.training else x
         a, bt = self._factors(f, name, sign, x.dtype)
         low = F.linear(h, a).reshape(-1, a.shape[0])

@@ -119,10 +119,7 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
     run.create(cfg)
     evals_before = run.once(run.path / "evals_before.json",
                             lambda: _evaluate_all(model, tokenizer, cfg, run, "before"))
-    if method.calibration_batches:
-        plan = batcher.batches(0)[: method.calibration_batches]
-        method.calibrate(model, [batcher.collate(b) for b in plan])  # whole global batches: every rank the same
-    method.apply(model)
+    run.apply_method(model, method, batcher)
     if init is not None:
         load_adapter_weights(model, method, init)
         say(f"adapter initialised from {init.path}", run.dist)
@@ -138,7 +135,7 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
     if run.dist.is_main:
         save_adapter(model, method, adapter_dir, base_model=base_name, base_fingerprint=base_fp, overwrite=True,
                      tokenizer=tokenizer if method.changes_tokenizer else None, objective=objective,
-                     extra=training_record(cfg.data, data_report.format, tokenizer))
+                     extra=training_record(cfg.data, data_report.format, tokenizer), export=True)
     evals_after = _evaluate_all(model, tokenizer, cfg, run, "after")
     report = {"model": base_name, "base_fingerprint": base_fp, "method": method.name, "objective": objective.name,
               "trainable_parameters": trainable, "total_parameters": total, "data": to_dict(data_report),

@@ -125,10 +125,10 @@ def fit_value_model(vm: ValueModel, samples: Sequence[Sample], targets: Sequence
     run.path.mkdir(parents=True, exist_ok=True)
     pad_id = _pad_id(vm)
     m = value_method(method, vm)
-    m.apply(vm)
+    batcher = _RewardBatcher(samples, targets, batch_size=train.batch_size, pad_id=pad_id, seed=train.seed)
+    run.apply_method(vm, m, batcher)
     objective = build_objective({"name": "value", "gamma": gamma, "lam": lam, "head_lr_ratio": head_lr_ratio})
     objective.setup(vm, vm.tokenizer, run.device)
-    batcher = _RewardBatcher(samples, targets, batch_size=train.batch_size, pad_id=pad_id, seed=train.seed)
     val_batcher = _RewardBatcher(*val, batch_size=train.batch_size, pad_id=pad_id, seed=train.seed) \
         if val and len(val[0]) else None
     result = run.fit(vm, m, objective, batcher, val_batcher, base_model=vm.info.get("value_backbone"),

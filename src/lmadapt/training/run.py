@@ -39,7 +39,7 @@ from lmadapt.objectives.base import Objective
 from lmadapt.reporting import plot_loss, read_metrics
 from lmadapt.training.config import TrainConfig
 from lmadapt.training.distributed import Distributed, device_for, from_environment
-from lmadapt.training.loop import LoopResult, Trainer
+from lmadapt.training.loop import LoopResult, Trainer, to_device
 from lmadapt.training.memory import gradient_checkpointing
 from lmadapt.training.resume import check_resume
 
@@ -124,6 +124,15 @@ class Run:
         """The batch planner for ``dataset``: global micro-batches of ``batch_size * world_size`` rows."""
         return make_batcher(dataset, batch_size=self.train.batch_size * self.dist.world_size, max_length=max_length,
                             batching=batching, pad_id=pad_id, seed=self.train.seed)
+
+    def apply_method(self, model: nn.Module, method: Method, train_batcher: Any) -> None:
+        """``method.calibrate`` on the first ``method.calibration_batches`` training batches of epoch 0 (whole
+        global batches, so every process sees the same), then ``method.apply``: the one place a run does both."""
+        if method.calibration_batches:
+            plan = train_batcher.batches(0)[: method.calibration_batches]
+            with torch.no_grad():
+                method.calibrate(model, [to_device(train_batcher.collate(b), self.device) for b in plan])
+        method.apply(model)
 
     def fit(self, model: nn.Module, method: Method, objective: Objective, train_batcher: Any,
             val_batcher: Any | None, *, base_model: str | None, base_fingerprint: str | None,
