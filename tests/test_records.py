@@ -259,3 +259,31 @@ def _adapter(path, base_dir, *, base: str | None = None, extra: dict | None = No
     method.apply(model)
     return save_adapter(model, method, path, base_model=base or str(base_dir.resolve()),
                         base_fingerprint=fingerprint(tiny_llama()), extra=extra)
+
+
+def test_merge_refuses_a_method_that_cannot_merge_before_loading_the_base(tmp_path):
+    """Every LoRA-family method merges exactly; a method whose update is not a weight change (probe: a LoRA that
+    says so) must be refused with a message that names the adapter and what to do instead, before any model
+    is loaded (the recorded base does not exist) and without writing the output folder."""
+    from lmadapt.adapters.format import save_adapter
+    from lmadapt.methods.lora import Lora
+    from lmadapt.methods.registry import METHODS
+
+    class Unmergeable(Lora):
+        name = "probe_unmergeable"
+        peft_type = None
+        mergeable = False
+
+    METHODS.register(Unmergeable)
+    try:
+        method = build_method({"name": "probe_unmergeable", "r": 2, "target_modules": ["q_proj"]})
+        model = tiny_llama()
+        method.apply(model)
+        folder = save_adapter(model, method, tmp_path / "adapter", base_model=str(tmp_path / "no-such-base"),
+                              base_fingerprint=None)
+        with pytest.raises(LmadaptError, match=r"adapter: method 'probe_unmergeable' cannot be merged .* "
+                                               r"lmadapt.load\(\.\.\., adapter=\.\.\.\)"):
+            merge(None, folder, tmp_path / "merged")
+        assert not (tmp_path / "merged").exists()
+    finally:
+        METHODS.unregister("probe_unmergeable")

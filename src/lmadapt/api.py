@@ -127,12 +127,11 @@ def merge(model: str | ModelConfig | None, adapter: str | Path, output_dir: str 
     trained with, so that transformers' ``apply_chat_template`` prompts the merged model as it was trained.
     """
     info = read_adapter_info(adapter)
+    _refuse_unmergeable(method_class(info.method["name"]), adapter)
     cfg = _model_config(base_model(model, info), dtype=dtype)
     base, tokenizer, method = load(cfg, adapter, force=force)
     assert method is not None
-    if not method.mergeable:
-        raise LmadaptError(f"method {method.name!r} cannot be merged into the base weights; "
-                           f"load it with lmadapt.load(..., adapter=...) instead")
+    _refuse_unmergeable(type(method), adapter)
     method.merge(base)
     method.unload(base)
     with atomic_dir(output_dir, overwrite=overwrite) as tmp:
@@ -144,6 +143,14 @@ def merge(model: str | ModelConfig | None, adapter: str | Path, output_dir: str 
                       "system_prompt": info.system_prompt}
         (tmp / "lmadapt_merge.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
     return Path(output_dir)
+
+
+def _refuse_unmergeable(cls: type[Method], adapter: str | Path) -> None:
+    """Checked before the base model is loaded, so the refusal costs nothing."""
+    if not cls.mergeable:
+        raise LmadaptError(f"{adapter}: method {cls.name!r} cannot be merged into the base weights (its update is "
+                           f"not a change of the weights alone); serve it with lmadapt.load(..., adapter=...) or "
+                           f"`lmadapt generate --adapter` instead of merging")
 
 
 def inspect(path: str | Path) -> dict[str, Any]:
