@@ -26,7 +26,7 @@ from lmadapt.recipes.finetune import load_run_config
 from lmadapt.testing import tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+PAGES = sorted((ROOT / "docs").glob("*.md")) + sorted((ROOT / "docs" / "methods").glob("*.md")) + [ROOT / "README.md"]
 SECTIONS = ("model", "data", "train", "evals[]", "method", "objective")
 # Pages that document one section, so that a bare key in their sentences ("`max_length` (default 1024)") is
 # that section's. Pages not listed here are only read for dotted keys.
@@ -155,7 +155,10 @@ def key_tables() -> list[tuple[str, str | None, list[tuple[list[str], str | None
                     break
                 parts = [c.strip() for c in row.strip().strip("|").split("|")]
                 rows.append((re.findall(r"`([a-z_]+)`", parts[0]), None if column is None else parts[column]))
-            tables.append((f"{page.name}:{i + 1}", named.group(1) if named else None, rows))
+            section = named.group(1) if named else None
+            if page.parent.name == "methods":  # docs/methods/<name>.md: its tables are that method's keys
+                section = f"method[{page.stem}]"
+            tables.append((f"{page.name}:{i + 1}", section, rows))
     return tables
 
 
@@ -301,3 +304,27 @@ def test_the_validation_example_in_configuration_md_is_what_lmadapt_prints(tmp_p
     assert main(["train", "run.yaml"]) == 2
     printed = capsys.readouterr().err
     assert sorted(example.strip().splitlines()) == sorted(printed.strip().splitlines())
+
+
+RUN_EXAMPLES = sorted(p for p in (ROOT / "examples").rglob("*.yaml") if p.name not in {"helper_model.yaml", "vas.yaml"})
+
+
+@pytest.mark.parametrize("example", RUN_EXAMPLES, ids=lambda p: str(p.relative_to(ROOT / "examples")))
+def test_every_example_run_config_validates(example, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the examples name their data relative to the checkout, as the README runs them
+    cfg = load_run_config(str(example.relative_to(ROOT)))
+    assert cfg.output_dir
+
+
+def test_every_method_beyond_the_core_three_has_a_page_an_example_and_a_row_in_methods_md():
+    from lmadapt.methods import available_methods
+
+    index = (ROOT / "docs" / "methods.md").read_text(encoding="utf-8")
+    missing = []
+    for name in available_methods():
+        if name in {"lora", "full", "freeze"}:  # documented on docs/methods.md itself
+            continue
+        missing += [f"docs/methods/{name}.md"] * (not (ROOT / "docs" / "methods" / f"{name}.md").is_file())
+        missing += [f"examples/methods/{name}.yaml"] * (not (ROOT / "examples" / "methods" / f"{name}.yaml").is_file())
+        missing += [f"a link to methods/{name}.md in docs/methods.md"] * (f"(methods/{name}.md)" not in index)
+    assert not missing, "\n".join(missing)

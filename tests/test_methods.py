@@ -37,6 +37,15 @@ EXACT = 1e-6
 # name -> (default-init config, overrides that make it non-identity at init)
 CONFIGS: dict[str, tuple[dict, dict]] = {
     "lora": ({"r": 4, "alpha": 8}, {"init": "random"}),
+    "balora": ({"r": 4, "alpha": 8}, {}),
+    "lamda": ({"r": 4, "alpha": 8}, {"init": "random"}),
+    "miss": ({"r": 4}, {"init": "random"}),
+    "allora": ({"r": 4, "eta": 2.0}, {"init": "random"}),
+    "pissa": ({"r": 4, "alpha": 8}, {}),
+    "olora": ({"r": 4, "alpha": 8}, {}),
+    "corda": ({"r": 4, "alpha": 8}, {}),
+    "nola": ({"r": 4, "alpha": 8, "num_basis_a": 24, "num_basis_b": 40}, {"init": "random"}),
+    "dora": ({"r": 4, "alpha": 8}, {"init": "random"}),
     "full": ({}, {}),
     "freeze": ({"last_n_layers": 1, "norms": True}, {}),
 }
@@ -44,6 +53,15 @@ CONFIGS: dict[str, tuple[dict, dict]] = {
 # name -> predicate on a parameter's name: the parameters the method (and only it) trains
 TRAINS = {
     "lora": lambda n: n.endswith((".lora_A", ".lora_B")),
+    "balora": lambda n: n.endswith((".lora_A", ".lora_B")) and ".residual." not in n,
+    "lamda": lambda n: n.endswith((".lamda_B", ".lamda_S")),
+    "miss": lambda n: n.endswith(".miss_block"),
+    "allora": lambda n: n.endswith((".lora_A", ".lora_B")),
+    "pissa": lambda n: n.endswith((".lora_A", ".lora_B")) and ".residual." not in n,
+    "olora": lambda n: n.endswith((".lora_A", ".lora_B")) and ".residual." not in n,
+    "corda": lambda n: n.endswith((".lora_A", ".lora_B")) and ".residual." not in n,
+    "nola": lambda n: n.endswith((".nola_a", ".nola_b")),
+    "dora": lambda n: n.endswith((".lora_A", ".lora_B", ".magnitude")),
     "full": lambda n: True,
     "freeze": lambda n: n.startswith("model.layers.1.") or "norm" in n,
 }
@@ -73,6 +91,8 @@ def applied(name: str, random_init: bool = False) -> tuple[nn.Module, Method]:
     cfg, perturb = CONFIGS[name]
     method = build_method({"name": name, **cfg, **(perturb if random_init else {})})
     model = tiny_llama()
+    if method.calibration_batches:  # as lmadapt train does: the first training batches, before apply()
+        method.calibrate(model, [{"input_ids": ids(seed)} for seed in range(method.calibration_batches)])
     method.apply(model)
     return model, method
 
@@ -133,12 +153,18 @@ def test_one_step_changes_the_outputs(name: str) -> None:
 
 @pytest.mark.parametrize("name", METHODS)
 def test_apply_keeps_base_state_dict(name: str) -> None:
+    """Base keys stay; base tensors stay too, unless the method rewrites them (PiSSA-style residuals), and then
+    switching its adapters off must still give the base model's outputs."""
     base = tiny_llama().state_dict()
-    model, _ = applied(name, random_init=True)
+    model, method = applied(name, random_init=True)
     state = model.state_dict()
     for key, value in base.items():
         assert key in state, f"{name}: base key {key} disappeared"
-        assert torch.equal(state[key], value), f"{name}: base tensor {key} changed"
+        assert method.rewrites_base_weights or torch.equal(state[key], value), f"{name}: base tensor {key} changed"
+    if method.rewrites_base_weights:
+        assert any(not torch.equal(state[k], v) for k, v in base.items()), "rewrites_base_weights, but did not"
+        with adapters_disabled(model):
+            close(logits(model), logits(tiny_llama()))
 
 
 @pytest.mark.parametrize("name", METHODS)

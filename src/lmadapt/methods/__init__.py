@@ -1,6 +1,19 @@
 """Methods register themselves by name on import; importing this package makes all of them available."""
 
-from lmadapt.methods import freeze, full, lora  # noqa: F401  (registration)
+from lmadapt.methods import (  # noqa: F401  (registration)
+    allora,
+    balora,
+    corda,
+    dora,
+    freeze,
+    full,
+    lamda,
+    lora,
+    miss,
+    nola,
+    olora,
+    pissa,
+)
 from lmadapt.methods.base import Method, ParamGroup, StepContext
 from lmadapt.methods.registry import (
     available_methods,
