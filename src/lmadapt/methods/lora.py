@@ -179,6 +179,12 @@ class Lora(Method):
                for k in ("use_bdlora", "kasa_config", "arrow_config", "monteclora_config")},
         }
         bad = [k for k, v in unsupported.items() if v]
+        if bad == ["init_lora_weights"]:
+            raise ValueError(f"this PEFT LoRA adapter was saved with init_lora_weights="
+                             f"{peft.get('init_lora_weights')!r} without conversion, so it only works on the "
+                             f"residual base weights PEFT saved beside it; save it again with PEFT's "
+                             f"save_pretrained(..., path_initial_model_for_weight_conversion=...), which writes a "
+                             f"plain LoRA of the original base that lmadapt loads (docs/methods/pissa.md)")
         if bad:
             raise ValueError(f"this PEFT LoRA adapter uses {', '.join(bad)}, which lmadapt's lora does not "
                              f"support yet; merge it with PEFT and load the merged model instead")
