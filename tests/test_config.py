@@ -4,6 +4,7 @@ import pytest
 
 from lmadapt.config import brief, parse_overrides, read_yaml
 from lmadapt.errors import ConfigError
+from lmadapt.methods import available_methods
 from lmadapt.recipes.finetune import load_run_config
 from lmadapt.training.schedules import lr_factor
 
@@ -147,7 +148,8 @@ def test_a_method_name_that_is_not_a_string(name, got, run_config):
     with pytest.raises(ConfigError) as err:
         load_run_config({**run_config, "method": {"name": name}})
     assert err.value.problems == [f"method.name: expected a method name (a string), got {got}. "
-                                  f"Available: freeze, full, lora"]
+                                  f"Available: {', '.join(sorted(available_methods()))}"]
+    assert {"lora", "full", "freeze", "dora", "pissa"} <= set(available_methods())
     with pytest.raises(ConfigError) as err:
         load_run_config(run_config, ["method.name=[lora]"])
     assert err.value.problems[0].startswith("method.name: expected a method name (a string), got list ['lora']")
