@@ -20,6 +20,7 @@ batches given to :meth:`Corda.calibrate`. How the start is saved and exported: :
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,17 +60,25 @@ def input_covariances(model: nn.Module, names: list[str], batches: list[dict[str
     modules = dict(model.named_modules())
     sums: dict[str, torch.Tensor] = {}
     count = 0
-    # this batch's inputs by identity, each kept alive with its covariances so no later tensor can reuse its id
-    seen: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+    # this batch's inputs by identity (each kept alive so no later tensor can reuse its id) -> the first layer
+    # that read it. Layers fed the same input share that layer's running sum: one d_in x d_in matrix per input,
+    # never one per sample (that held GBs on a 135M model).
+    seen: dict[int, tuple[torch.Tensor, str]] = {}
     mask: torch.Tensor | None = None
 
     def hook(name: str):
         def run(_module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
             x = args[0]
-            if id(x) not in seen:
-                seen[id(x)] = (x, _sample_covariances(x.detach(), mask))
-            for cov in seen[id(x)][1]:  # sample by sample, the order PEFT sums in
-                sums[name] = sums[name] + cov if name in sums else cov.clone()
+            first = seen[id(x)][1] if id(x) in seen else None
+            if first not in (None, name) and first in sums and sums.get(name, sums[first]) is sums[first]:
+                sums[name] = sums[first]  # the same input in every batch: one shared sum
+                return
+            seen.setdefault(id(x), (x, name))
+            for row_cov in _sample_covariances(x.detach(), mask):  # sample by sample, the order PEFT sums in
+                if name in sums:
+                    sums[name].add_(row_cov)
+                else:
+                    sums[name] = row_cov
         return run
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in names]
@@ -90,9 +99,9 @@ def input_covariances(model: nn.Module, names: list[str], batches: list[dict[str
     return {n: s / count for n, s in sums.items()}
 
 
-def _sample_covariances(x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
-    """(X_row / |max X_row|)^T (X_row / |max X_row|) for each row, X_row the row's real tokens, in fp32."""
-    covs = []
+def _sample_covariances(x: torch.Tensor, mask: torch.Tensor | None) -> Iterator[torch.Tensor]:
+    """(X_row / |max X_row|)^T (X_row / |max X_row|) for each row, X_row the row's real tokens, in fp32, one at
+    a time."""
     for row in range(x.shape[0]):
         xs = x[row].float() if mask is None else x[row][mask[row].bool()].float()
         if xs.numel() == 0:
@@ -101,8 +110,7 @@ def _sample_covariances(x: torch.Tensor, mask: torch.Tensor | None) -> list[torc
         if not torch.isfinite(xs).all():
             raise LmadaptError("CorDA calibration: a layer's inputs hold NaN or Inf (or a row of zeros); check the "
                                "model in fp32 and the calibration data")
-        covs.append(xs.t() @ xs)
-    return covs
+        yield xs.t() @ xs
 
 
 def context_factors(weight: torch.Tensor, cov: torch.Tensor, r: int, scaling: float, mode: str,
