@@ -204,7 +204,7 @@ def worker(name: str, args: argparse.Namespace, workdir: Path) -> dict:
 def run_method(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     """``name``'s figures from a fresh process, or ``{"error": ...}`` when it failed."""
     shared = ["--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-              "--untimed", str(args.untimed), "--precision", args.precision, "--threads", str(args.threads)]
+              "--untimed", str(args.untimed), "--precision", args.precision, "--threads", str(args.threads), "--lr", args.lr]
     cmd = [sys.executable, __file__, "--one", name, "--workdir", str(workdir), *shared, *(["--tiny"] * args.tiny)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     try:
@@ -256,6 +256,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="every method's train.precision; auto: bf16 where this CPU runs it faster than fp32")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lr", default="", help="NAME=LR[,NAME=LR...]: replace SETTINGS' learning rate of these methods")
     p.add_argument("--method-timeout", type=int, default=1800, help="seconds before a method counts as failed")
     p.add_argument("--verbose", action="store_true", help="show a failed method's stderr")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -265,6 +266,12 @@ def parse_args() -> argparse.Namespace:
     small = [f"--{k.replace('_', '-')}" for k in counts if getattr(args, k) < 1]
     if small:
         p.error(f"{', '.join(small)}: must be >= 1")
+    for item in filter(None, args.lr.split(",")):
+        name, _, value = item.partition("=")
+        try:
+            SETTINGS[name] = (float(value), SETTINGS.get(name, (ADAPTER_LR, {}))[1])
+        except ValueError:
+            p.error(f"--lr {item!r}: expected NAME=LR, e.g. nola=1e-2")
     return args
 
 
