@@ -8,6 +8,7 @@ The method configs are the contract rows of tests/test_methods.py (small, defaul
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from test_vas import toy_samples
 
 from lmadapt.adapters.format import load_adapter
 from lmadapt.decoding.value_model import ValueModel
+from lmadapt.errors import LmadaptError
 from lmadapt.methods import available_methods, method_class
 from lmadapt.recipes.finetune import train
 from lmadapt.recipes.vas_train import fit_value_model
@@ -91,9 +93,15 @@ def test_every_method_trains_a_value_model(tmp_path, name, precision, tokenizer)
     before = {k: v.clone() for k, v in vm.backbone.state_dict().items()}
     samples = toy_samples(tokenizer, 16, seed=2)
     spec = method_spec(name)
-    result = fit_value_model(vm, samples, [float(i % 3) for i in range(16)], run_dir=tmp_path / "run",
-                             train=TrainConfig(lr=1e-2, batch_size=8, max_steps=2, tensorboard=False,
-                                                     precision=precision), method=spec)
+    fit = functools.partial(fit_value_model, vm, samples, [float(i % 3) for i in range(16)], run_dir=tmp_path / "run",
+                            train=TrainConfig(lr=1e-2, batch_size=8, max_steps=2, tensorboard=False,
+                                              precision=precision), method=spec)
+    if not method_class(name).mergeable:  # value models are saved merged: refused before any training, with why
+        with pytest.raises(LmadaptError, match=f"method '{name}' cannot be merged into the backbone"):
+            fit()
+        assert all(torch.equal(v, before[k]) for k, v in vm.backbone.state_dict().items())
+        return
+    result = fit()
     assert math.isfinite(result.final_loss)
     after = vm.backbone.state_dict()
     assert list(after) == list(before)  # merged and unloaded: a plain backbone again

@@ -92,6 +92,29 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
+def add_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at dotted path ``name``, where there is nothing yet: an adapter that sits beside the base
+    modules instead of replacing one (prompt tuning's soft prompt). The base model's state-dict keys stay as
+    they are; ``new`` adds its own under ``name``. It takes its parent's train/eval mode."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if hasattr(parent, child):
+        raise LmadaptError(f"cannot add a module at {name}: the model has something there already (was the "
+                           f"method applied twice?); load the adapter into a fresh model")
+    new.train(parent.training)
+    parent.add_module(child, new)
+
+
+def remove_module(model: nn.Module, name: str) -> nn.Module:
+    """Take the module at dotted path ``name`` out of the model (one that :func:`add_module` put there) and
+    return it."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    delattr(parent, child)
+    return old
+
+
 def modules_of_type(model: nn.Module, cls: type[nn.Module]) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) for every submodule that is an instance of ``cls``."""
     for name, module in model.named_modules():
