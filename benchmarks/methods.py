@@ -69,6 +69,14 @@ SETTINGS: dict[str, tuple[float, dict]] = {
     "pissa": (SVD_LR, {"r": 16, "alpha": 32}),
     "olora": (SVD_LR, {"r": 16, "alpha": 32}),
     "corda": (SVD_LR, {"r": 16, "alpha": 32}),  # calibrates on training batches by its own default
+    "ia3": (1e-2, {"target_modules": ["k_proj", "v_proj", "down_proj"]}),  # PEFT's Llama targets; 57,600 scales
+    "prompt_tuning": (3e-2, {"num_virtual_tokens": 20, "init": "text",  # 20 x 576; soft prompts need large steps
+                             "init_text": "Classify the topic of this news article: business, entertainment, "
+                                          "politics, sport or tech."}),
+    "bottleneck": (ADAPTER_LR, {"target_modules": ["down_proj"], "bottleneck_size": 256}),  # paper's best: series
+    "spiel": (2e-4, {"density": 0.033, "reselection_steps": 10,  # 0.033: about LoRA r=16's count; 2 regrows
+                     "selection_accumulation_steps": 2}),
+    "lofit": (5e-3, {"stage1_fraction": 0.5}),  # the paper's lrs: A at 5e-3, then v at 1e-2 (stage2_lr_scale 2)
     "full": (5e-5, {}),  # every weight trains: a fine-tuning lr, 20x below the adapters'
     "freeze": (1e-4, {"last_n_layers": 2}),  # the last 2 of 30 blocks, about 7M parameters
 }

@@ -3,16 +3,21 @@
 from lmadapt.methods import (  # noqa: F401  (registration)
     allora,
     balora,
+    bottleneck,
     corda,
     dora,
     freeze,
     full,
+    ia3,
     lamda,
+    lofit,
     lora,
     miss,
     nola,
     olora,
     pissa,
+    prompt_tuning,
+    spiel,
 )
 from lmadapt.methods.base import Method, ParamGroup, StepContext
 from lmadapt.methods.registry import (
