@@ -234,11 +234,11 @@ def test_pickled_adapter_is_not_read_and_says_why(tmp_path: Path) -> None:
 
 
 def test_unknown_peft_type_and_bad_method_config_are_adapter_errors(tmp_path: Path) -> None:
-    folder = tmp_path / "ia3"
+    folder = tmp_path / "loha"
     folder.mkdir()
-    (folder / CONFIG_NAME).write_text(json.dumps({"peft_type": "IA3", "target_modules": ["k_proj"]}))
+    (folder / CONFIG_NAME).write_text(json.dumps({"peft_type": "LOHA", "target_modules": ["k_proj"]}))
     (folder / WEIGHTS_NAME).write_bytes(b"")
-    with pytest.raises(AdapterError, match="'IA3' is not supported"):
+    with pytest.raises(AdapterError, match="'LOHA' is not supported"):
         read_adapter_info(folder)
 
     model, method = lora_model(target_modules=["q_proj"])

@@ -124,7 +124,9 @@ def _write_config(run_config, path, output_dir):
 
 
 def _cli(*args, **kw):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # MKL_CBWR: MKL's GEMM may round differently at another buffer alignment (the resumed process allocates
+    # differently); strict mode makes it bit-reproducible for a fixed thread count (a CI run once differed by 9e-7)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_CBWR": "AUTO,STRICT"}
     return subprocess.Popen([sys.executable, "-m", "lmadapt.cli", *args], env=env, **kw)
 
 
