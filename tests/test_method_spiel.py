@@ -18,7 +18,8 @@ from lmadapt.adapters.format import WEIGHTS_NAME, load_adapter, save_adapter
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.methods import StepContext, build_method
 from lmadapt.methods.lora import PEFT_PREFIX
-from lmadapt.methods.spiel import Spiel, SpielConfig, SpielLinear, ag_swap
+from lmadapt.methods.sparse_delta import ag_swap
+from lmadapt.methods.spiel import Spiel, SpielConfig, SpielLinear
 from lmadapt.models.tree import adapters_disabled, modules_of_type
 from lmadapt.recipes.finetune import train
 from lmadapt.testing import tiny_llama

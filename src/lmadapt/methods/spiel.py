@@ -36,7 +36,13 @@ from lmadapt.errors import LmadaptError
 from lmadapt.methods.base import Method, ParamGroup, StepContext
 from lmadapt.methods.lora import PEFT_PREFIX, key_mismatch
 from lmadapt.methods.registry import register
-from lmadapt.models.tree import find_modules, freeze_all, modules_of_type, replace_module
+from lmadapt.methods.sparse_delta import SparseDeltaLinear, ag_swap, ma_swap, with_delta
+from lmadapt.models.tree import (
+    find_modules,
+    freeze_all,
+    modules_of_type,
+    replace_module,
+)
 
 AG_KEYS = ("spiel_ag_indices", "spiel_ag_sum", "spiel_ag_sumsq", "spiel_ag_steps")  # a phase under way (ag)
 SM3_KEYS = ("spiel_sm3_rows", "spiel_sm3_cols")  # the MA accumulators
@@ -80,39 +86,6 @@ class SpielConfig:
         return problems
 
 
-def _with_delta(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A new tensor W0 + scatter(indices, values) in ``dtype`` (W0 itself is left alone)."""
-    w = weight.to(dtype, copy=True)
-    w.view(-1).index_add_(0, indices, values.to(dtype))
-    return w
-
-
-class _SparseDeltaLinear(torch.autograd.Function):
-    """y = x (W0 + scatter(indices, values))^T + b. Saves x and the (shared) W0, values and indices only; the
-    backward rebuilds W for dL/dx and forms the dense dL/dW = g^T x transiently for dL/dvalues = dL/dW[indices]."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, values: torch.Tensor,
-                indices: torch.Tensor, layer: SpielLinear) -> torch.Tensor:
-        ctx.save_for_backward(x, weight, values, indices)
-        ctx.observe = layer.observe if layer.collect else None
-        w = _with_delta(weight, indices, values, x.dtype)
-        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, values, indices = ctx.saved_tensors
-        grad_x = grad_values = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad @ _with_delta(weight, indices, values, grad.dtype)
-        if ctx.needs_input_grad[3]:
-            dense = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])  # d_out x d_in, this call only
-            if ctx.observe is not None:
-                ctx.observe(dense)
-            grad_values = dense.view(-1).index_select(0, indices).to(values.dtype)
-        return grad_x, None, None, grad_values, None, None
-
-
 class SpielLinear(nn.Module):
     """A linear layer plus a sparse delta: ``spiel_indices`` (k flat positions in W0, int32 when W0 has fewer than
     2^31 entries) and ``spiel_values`` (k fp32, trained). Holds the base ``weight``/``bias`` under their names.
@@ -146,7 +119,7 @@ class SpielLinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """The dense delta (d_out x d_in, fp32), for tests and inspection only: training never forms it."""
-        return _with_delta(torch.zeros_like(self.weight, dtype=torch.float32), self.spiel_indices,
+        return with_delta(torch.zeros_like(self.weight, dtype=torch.float32), self.spiel_indices,
                            self.spiel_values.detach(), torch.float32)
 
     # --- selection statistics ------------------------------------------------------------------------
@@ -253,41 +226,11 @@ class SpielLinear(nn.Module):
             return F.linear(x, w, self.bias)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        return _SparseDeltaLinear.apply(x.to(dtype), self.weight, self.bias, self.spiel_values,
+        return SparseDeltaLinear.apply(x.to(dtype), self.weight, self.bias, self.spiel_values,
                                         self.spiel_indices, self)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, k={self.k}"
-
-
-def drop_positions(values: torch.Tensor, n: int) -> torch.Tensor:
-    """Positions of the ``n`` entries with the smallest |value|, smallest first."""
-    return torch.topk(values.detach().abs(), n, largest=False, sorted=True).indices
-
-
-def ag_swap(indices: torch.Tensor, values: torch.Tensor, candidates: torch.Tensor, scores: torch.Tensor,
-            n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions to overwrite, which candidates go there): drop the n smallest |value|, grow the best-scoring
-    candidates not staying active; an entry both dropped and regrown stays. Equal counts (fewer when candidates
-    run short: then the largest of the dropped stay)."""
-    idx, cand = indices.long(), candidates.long()
-    out_pos = drop_positions(values, n)
-    outgoing = idx[out_pos]
-    valid = (~torch.isin(cand, idx) | torch.isin(cand, outgoing)).nonzero().squeeze(1)
-    best = valid[torch.topk(scores[valid], min(n, valid.numel()), sorted=True).indices]
-    out_pos = out_pos[~torch.isin(outgoing, cand[best])]
-    best = best[~torch.isin(cand[best], outgoing)]
-    return out_pos[: best.numel()], best
-
-
-def ma_swap(indices: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-            n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions to overwrite, new flat indices): drop the n smallest |value|, grow the n inactive indices with
-    the largest row[r] col[c] (the score matrix exists only inside this call)."""
-    score = torch.outer(rows, cols).view(-1)
-    score[indices.long()] = -math.inf
-    n = min(n, score.numel() - indices.numel())
-    return drop_positions(values, n), torch.topk(score, n, sorted=True).indices
 
 
 @register
