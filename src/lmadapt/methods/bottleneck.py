@@ -37,7 +37,7 @@ from torch import nn
 from lmadapt.config import option
 from lmadapt.errors import LmadaptError
 from lmadapt.methods.base import Method, ParamGroup
-from lmadapt.methods.lora import PEFT_PREFIX, key_mismatch
+from lmadapt.methods.lora import PEFT_PREFIX, load_tensors
 from lmadapt.methods.registry import register
 from lmadapt.models.tree import (
     find_modules,
@@ -246,17 +246,7 @@ class Bottleneck(Method):
         return {k: p.detach() for k, p in self._tensors(model).items()}
 
     def load_adapter_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        params = self._tensors(model)
-        missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
-        if missing or unexpected:
-            raise KeyError(key_mismatch(missing, unexpected))
-        for key, p in params.items():
-            if state[key].shape != p.shape:
-                raise ValueError(f"{key.removeprefix(PEFT_PREFIX)}: saved shape {tuple(state[key].shape)} != "
-                                 f"model's {tuple(p.shape)} (different base model, bottleneck_size or placement?)")
-        with torch.no_grad():
-            for key, p in params.items():
-                p.copy_(state[key])
+        load_tensors(self._tensors(model), state, "different base model, bottleneck_size or placement?")
 
     def adapter_config(self) -> dict[str, Any]:
         return {}  # not a PEFT method: the lmadapt record in adapter_config.json identifies the files

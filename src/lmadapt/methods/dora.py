@@ -29,7 +29,7 @@ from torch import nn
 from lmadapt.config import option
 from lmadapt.errors import AdapterError
 from lmadapt.methods.base import Method, ParamGroup
-from lmadapt.methods.lora import PEFT_PREFIX, Lora, key_mismatch
+from lmadapt.methods.lora import PEFT_PREFIX, Lora, load_tensors
 from lmadapt.methods.lora_layer import LoraConfig, LoraLinear, add_factors
 from lmadapt.methods.registry import register
 from lmadapt.models.tree import (
@@ -237,19 +237,9 @@ class Dora(Method):
         # PEFT writes m without a suffix; accept ``.lora_magnitude_vector.weight`` (the module's own name) too
         suffix = f".{MAGNITUDE_KEY}.weight"
         state = {k.removesuffix(".weight") if k.endswith(suffix) else k: v for k, v in state.items()}
-        layers = dict(self._layers(model))
-        places = {f"{PEFT_PREFIX}{n}.{key}": (n, attr) for n in layers for key, attr in
-                  (("lora_A.weight", "lora_A"), ("lora_B.weight", "lora_B"), (MAGNITUDE_KEY, "magnitude"))}
-        missing, unexpected = places.keys() - state.keys(), state.keys() - places.keys()
-        if missing or unexpected:
-            raise KeyError(key_mismatch(missing, unexpected))
-        with torch.no_grad():
-            for key, (name, attr) in places.items():
-                dst = getattr(layers[name], attr)
-                if state[key].shape != dst.shape:
-                    raise ValueError(f"{name}.{attr}: saved shape {tuple(state[key].shape)} != model's "
-                                     f"{tuple(dst.shape)} (different base model or rank?)")
-                dst.copy_(state[key])
+        load_tensors({f"{PEFT_PREFIX}{n}.{key}": getattr(m, attr) for n, m in self._layers(model) for key, attr in
+                      (("lora_A.weight", "lora_A"), ("lora_B.weight", "lora_B"), (MAGNITUDE_KEY, "magnitude"))},
+                     state, "different base model or rank?")
 
     def adapter_config(self) -> dict[str, Any]:
         """PEFT's LoRA config, as lmadapt's lora writes it, with ``use_dora``."""

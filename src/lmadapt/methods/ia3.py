@@ -31,7 +31,7 @@ from torch import nn
 from lmadapt.config import option
 from lmadapt.errors import LmadaptError
 from lmadapt.methods.base import Method, ParamGroup
-from lmadapt.methods.lora import PEFT_PREFIX, key_mismatch, peft_targets
+from lmadapt.methods.lora import PEFT_PREFIX, load_tensors, peft_targets
 from lmadapt.methods.registry import register
 from lmadapt.models.tree import (
     find_modules,
@@ -250,17 +250,9 @@ class IA3(Method):
         return {f"{PEFT_PREFIX}{n}.ia3_l": m.ia3_l.detach() for n, m in self._layers(model)}
 
     def load_adapter_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        layers = {f"{PEFT_PREFIX}{n}.ia3_l": m for n, m in self._layers(model)}
-        missing, unexpected = layers.keys() - state.keys(), state.keys() - layers.keys()
-        if missing or unexpected:
-            raise KeyError(key_mismatch(missing, unexpected))
-        with torch.no_grad():
-            for key, m in layers.items():
-                if state[key].shape != m.ia3_l.shape:
-                    raise ValueError(f"{key.removeprefix(PEFT_PREFIX)}: saved shape {tuple(state[key].shape)} != "
-                                     f"model's {tuple(m.ia3_l.shape)} (a different base model, or a layer that "
-                                     f"is feed-forward in one and not in the other: check feedforward_modules)")
-                m.ia3_l.copy_(state[key])
+        load_tensors({f"{PEFT_PREFIX}{n}.ia3_l": m.ia3_l for n, m in self._layers(model)}, state,
+                     "a different base model, or a layer that is feed-forward in one and not in the other: check "
+                     "feedforward_modules")
 
     def adapter_config(self) -> dict[str, Any]:
         cfg = self.config

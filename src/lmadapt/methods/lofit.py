@@ -32,7 +32,7 @@ from torch import nn
 from lmadapt.config import option
 from lmadapt.errors import LmadaptError
 from lmadapt.methods.base import Method, ParamGroup, StepContext
-from lmadapt.methods.lora import key_mismatch
+from lmadapt.methods.lora import load_tensors
 from lmadapt.methods.registry import register
 from lmadapt.models.tree import (
     find_modules,
@@ -369,16 +369,8 @@ class Lofit(Method):
         return {k: p.detach() for k, p in self._tensors(model).items()}
 
     def load_adapter_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        params = self._tensors(model)
-        missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
-        if missing or unexpected:
-            raise KeyError(key_mismatch(missing, unexpected) + f" (lofit is in step {self.stage})")
-        with torch.no_grad():
-            for key, p in params.items():
-                if state[key].shape != p.shape:
-                    raise ValueError(f"{key}: saved shape {tuple(state[key].shape)} != model's {tuple(p.shape)} "
-                                     f"(different base model, or other heads?)")
-                p.copy_(state[key])
+        load_tensors(self._tensors(model), state, "different base model, or other heads?",
+                     note=f" (lofit is in step {self.stage})")
 
     def adapter_config(self) -> dict[str, Any]:
         return {"lofit_stage": self.stage, "lofit_heads": list(self.config.heads),

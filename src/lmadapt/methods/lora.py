@@ -119,20 +119,8 @@ class Lora(Method):
         return state
 
     def load_adapter_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        factors = dict(self._factors(model))
-        expected = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight" for n in factors for ab in "AB"}
-        missing, unexpected = expected - state.keys(), state.keys() - expected
-        if missing or unexpected:
-            raise KeyError(key_mismatch(missing, unexpected))
-        with torch.no_grad():
-            for name, f in factors.items():
-                for ab in "AB":
-                    src = state[f"{PEFT_PREFIX}{name}.lora_{ab}.weight"]
-                    dst = getattr(f, f"lora_{ab}")
-                    if src.shape != dst.shape:
-                        raise ValueError(f"{name}.lora_{ab}: saved shape {tuple(src.shape)} != "
-                                         f"model's {tuple(dst.shape)} (different base model or rank?)")
-                    dst.copy_(src)
+        load_tensors({f"{PEFT_PREFIX}{n}.lora_{ab}.weight": getattr(f, f"lora_{ab}")
+                      for n, f in self._factors(model) for ab in "AB"}, state, "different base model or rank?")
 
     def adapter_config(self) -> dict[str, Any]:
         cfg = self.config
@@ -207,6 +195,22 @@ def peft_targets(targets: list[str], names: list[str] | None, exclude: list[str]
     if not names:
         raise ValueError("apply() the method before asking for its PEFT config")
     return "^(" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+def load_tensors(params: dict[str, torch.Tensor], state: dict[str, torch.Tensor], hint: str, note: str = "") -> None:
+    """Copy ``state`` into ``params`` (adapter key -> the tensor it fills). Refuses missing or unexpected keys
+    (``note`` appended to the message) and any shape that differs (naming the tensor and ``hint``, the likely
+    cause) before it changes anything, so a refused adapter leaves the model as it was."""
+    missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
+    if missing or unexpected:
+        raise KeyError(key_mismatch(missing, unexpected) + note)
+    for key, p in params.items():
+        if state[key].shape != p.shape:
+            raise ValueError(f"{key.removeprefix(PEFT_PREFIX)}: saved shape {tuple(state[key].shape)} != model's "
+                             f"{tuple(p.shape)} ({hint})")
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(state[key])
 
 
 def key_mismatch(missing: set[str], unexpected: set[str]) -> str:

@@ -32,7 +32,7 @@ from torch import nn
 from lmadapt.config import option
 from lmadapt.errors import LmadaptError
 from lmadapt.methods.base import Method, ParamGroup
-from lmadapt.methods.lora import PEFT_PREFIX, key_mismatch, peft_targets
+from lmadapt.methods.lora import PEFT_PREFIX, load_tensors, peft_targets
 from lmadapt.methods.registry import register
 from lmadapt.models.tree import (
     find_modules,
@@ -288,16 +288,8 @@ class Miss(Method):
         return {f"{PEFT_PREFIX}{n}.miss_block": m.miss_block.detach() for n, m in self._layers(model)}
 
     def load_adapter_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        layers = {f"{PEFT_PREFIX}{n}.miss_block": m for n, m in self._layers(model)}
-        missing, unexpected = layers.keys() - state.keys(), state.keys() - layers.keys()
-        if missing or unexpected:
-            raise KeyError(key_mismatch(missing, unexpected))
-        with torch.no_grad():
-            for key, m in layers.items():
-                if state[key].shape != m.miss_block.shape:
-                    raise ValueError(f"{key.removeprefix(PEFT_PREFIX)}: saved shape {tuple(state[key].shape)} != "
-                                     f"model's {tuple(m.miss_block.shape)} (different base model, r, mode or mini_r?)")
-                m.miss_block.copy_(state[key])
+        load_tensors({f"{PEFT_PREFIX}{n}.miss_block": m.miss_block for n, m in self._layers(model)}, state,
+                     "different base model, r, mode or mini_r?")
 
     def adapter_config(self) -> dict[str, Any]:
         cfg = self.config
