@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -23,15 +23,16 @@ def fingerprint(model: torch.nn.Module | Mapping[str, torch.Tensor], *,
     per tensor rounded to bf16 (about 70k values for SmolLM2-135M; a few ms). It identifies a base model,
     it is not a checksum: a change to values outside the sample, or below bf16 precision, is not seen.
     ``model`` is a module (its ``named_parameters()``, tied weights counted once) or a name -> tensor
-    mapping; ``exclude(name)`` drops e.g. adapter parameters. fp16 copies do not match (fp16 rounds
-    differently).
+    mapping, read one value at a time in name order (so a mapping that reads each tensor from disk when asked,
+    :class:`lmadapt.updates.shards.FolderTensors`, holds one at a time); ``exclude(name)`` drops e.g. adapter
+    parameters. fp16 copies do not match (fp16 rounds differently).
     """
-    items: Iterable[tuple[str, torch.Tensor]]
-    items = model.named_parameters() if isinstance(model, torch.nn.Module) else model.items()
+    tensors = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else model
     digest = hashlib.sha256()
-    for name, tensor in sorted(items, key=lambda kv: kv[0]):
+    for name in sorted(tensors):
         if exclude is not None and exclude(name):
             continue
+        tensor = tensors[name]  # one value at a time: a lazy mapping keeps one tensor in memory
         digest.update(f"{name}:{tuple(tensor.shape)};".encode())
         if tensor.numel() and tensor.device.type != "meta":
             digest.update(_sample_bits(tensor, samples))
