@@ -74,9 +74,10 @@ class AdapterInfo:
         return (self.path / TOKENIZER_MARKER).is_file()
 
 
-def save_adapter(model: nn.Module, method: Method, path: str | Path, *, base_model: str | None,
+def save_adapter(model: nn.Module | None, method: Method, path: str | Path, *, base_model: str | None,
                  base_fingerprint: str | None, overwrite: bool = False, extra: dict[str, Any] | None = None,
-                 tokenizer: Any = None, objective: Objective | None = None, export: bool = False) -> Path:
+                 tokenizer: Any = None, objective: Objective | None = None, export: bool = False,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter atomically into folder ``path`` (refusing an existing one unless ``overwrite``).
 
     ``tokenizer``: also write its files into the folder (give it when ``method.changes_tokenizer``).
@@ -85,6 +86,8 @@ def save_adapter(model: nn.Module, method: Method, path: str | Path, *, base_mod
     Tensors are read through :func:`lmadapt.training.distributed.gathered_state`.
     ``export``: write the method's portable form (:meth:`Method.export`; e.g. a PiSSA adapter as a plain LoRA of
     the unmodified base) when it has one, with the record noting the method it came from (``exported_from``).
+    ``state``: the method's tensors, written as given instead of being read from ``model`` (which may then be
+    None): an adapter computed without a model, e.g. a merge of adapters (:mod:`lmadapt.updates.merging`).
     """
     from lmadapt import __version__
 
@@ -93,7 +96,7 @@ def save_adapter(model: nn.Module, method: Method, path: str | Path, *, base_mod
         extra = {**(extra or {}), "exported_from": method_spec(method)}
         method, state = exported[0], _cpu(exported[1])
     else:
-        state = _cpu(gathered_state(method, model))
+        state = _cpu(state if state is not None else gathered_state(method, model))
     heads = _cpu(gathered_state(objective, model)) if objective is not None else {}
     clash = sorted(k for k in state if k.startswith(OBJECTIVE_PREFIX))
     if clash:
