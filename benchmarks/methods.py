@@ -1,7 +1,7 @@
 """Every registered adaptation method on one real task: size, speed, memory, quality and forgetting, one table.
 
 Each method in ``lmadapt.methods.available_methods()`` (whatever is registered once ``lmadapt.methods`` is
-imported) trains SmolLM2-135M-Instruct through ``lmadapt.train`` for the same number of optimizer steps on the
+imported, except those built from already trained adapters, ``NEEDS_ADAPTERS``) trains SmolLM2-135M-Instruct through ``lmadapt.train`` for the same number of optimizer steps on the
 same data, in the same batches (same seed, batch size, schedule), in its own fresh process so that its peak
 RSS is its own. The task is the demo's BBC News topic classification (``lmadapt.recipes.demo_data``: prompt =
 the first 150 words of an article, answer = its topic, chat template, loss on the answer): a fixed subset of
@@ -80,6 +80,10 @@ SETTINGS: dict[str, tuple[float, dict]] = {
     "full": (5e-5, {}),  # every weight trains: a fine-tuning lr, 20x below the adapters'
     "freeze": (1e-4, {"last_n_layers": 2}),  # the last 2 of 30 blocks, about 7M parameters
 }
+
+# Methods built from adapters trained first: not a method to train from the base alone (benchmarks/updates.py
+# measures MeteoRA on the topics and sentiment adapters it trains).
+NEEDS_ADAPTERS = ("meteora",)
 
 FIGURES = ("trainable_params", "adapter_bytes", "s_per_step", "peak_rss_mb", "val_loss", "accuracy",
            "retention_ppl_change")
@@ -298,7 +302,7 @@ def main() -> None:
     from lmadapt.methods import available_methods
 
     registered = available_methods()
-    names = [n for n in args.methods.split(",") if n] or registered
+    names = [n for n in args.methods.split(",") if n] or [n for n in registered if n not in NEEDS_ADAPTERS]
     unknown = [n for n in names if n not in registered]
     if unknown:
         raise SystemExit(f"not registered: {unknown}; registered methods: {registered}")

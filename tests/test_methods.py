@@ -29,7 +29,7 @@ from lmadapt.methods import (
 )
 from lmadapt.methods.lora import PEFT_PREFIX, LoraConfig, LoraLinear
 from lmadapt.models.tree import adapters_disabled
-from lmadapt.testing import tiny_llama
+from lmadapt.testing import tiny_llama, tiny_lora_adapters
 
 ATOL = 1e-5  # fp32 logits after a few matmuls
 EXACT = 1e-6
@@ -51,6 +51,7 @@ CONFIGS: dict[str, tuple[dict, dict]] = {
     "lofit": ({"a_init": "zeros"}, {"a_init": "normal", "init_std": 0.05}),
     "ia3": ({"target_modules": ["k_proj", "v_proj", "down_proj"]}, {"init": "random"}),
     "prompt_tuning": ({"num_virtual_tokens": 4}, {}),
+    "meteora": ({"experts": tiny_lora_adapters(), "gate_loss": "balance"}, {}),  # 2 random LoRAs; k = 2
     "full": ({}, {}),
     "freeze": ({"last_n_layers": 1, "norms": True}, {}),
 }
@@ -72,6 +73,7 @@ TRAINS = {
     "lofit": lambda n: n.endswith(".lofit_A"),  # step 1 (the contract never reaches the switch)
     "ia3": lambda n: n.endswith(".ia3_l"),
     "prompt_tuning": lambda n: n.endswith(".prompt_embeddings"),
+    "meteora": lambda n: n.endswith(".meteora_gate"),
     "full": lambda n: True,
     "freeze": lambda n: n.startswith("model.layers.1.") or "norm" in n,
 }

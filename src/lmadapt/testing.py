@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -50,3 +56,29 @@ def tiny_llama(vocab_size: int = 260, seed: int = 0, **overrides: int) -> LlamaF
     model = LlamaForCausalLM(LlamaConfig(**cfg))
     model.eval()
     return model
+
+
+def tiny_lora_adapters(*specs: dict[str, Any], root: str | Path | None = None) -> list[str]:
+    """Folders of LoRA adapters of :func:`tiny_llama` (seed 0), one per ``specs`` entry (a ``lora`` method section
+    without its name), for methods that take adapters as their input (meteora). Each has ``init: random`` (B
+    random too, so it changes the model) and is saved with the base's fingerprint. Without specs: two, r 4 and
+    r 2 with rsLoRA. ``root`` None: a new temporary folder, removed when the process exits."""
+    from lmadapt.adapters.format import save_adapter
+    from lmadapt.methods import build_method
+    from lmadapt.models.fingerprint import fingerprint
+
+    specs = specs or ({"r": 4, "alpha": 8}, {"r": 2, "alpha": 4, "rslora": True})
+    if root is None:
+        root = tempfile.mkdtemp(prefix="lmadapt-tiny-loras-")
+        atexit.register(shutil.rmtree, root, True)
+    base_fingerprint = fingerprint(tiny_llama())
+    paths = []
+    for i, spec in enumerate(specs):
+        model = tiny_llama()
+        torch.manual_seed(1000 + i)  # tiny_llama() seeds 0: each adapter draws its own factors
+        method = build_method({"name": "lora", "init": "random", **spec})
+        method.apply(model)
+        path = Path(root) / f"lora{i}"
+        save_adapter(model, method, path, base_model="tiny-llama", base_fingerprint=base_fingerprint)
+        paths.append(str(path))
+    return paths

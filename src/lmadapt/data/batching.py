@@ -107,7 +107,9 @@ class Batcher:
     def collate(self, batch: Batch | list[int]) -> dict[str, torch.Tensor]:
         """Tensors of one batch: input_ids, labels, position_ids (B, L), attention_mask (unpacked only),
         num_target_tokens (labels that count after the model's one-token shift), num_tokens (real,
-        non-padding tokens).
+        non-padding tokens), and task_ids (B, L) when the dataset has ``tasks``: each token's task id, -100 where
+        labels always are (padding, each example's first token), so that ``task_ids[:, 1:]`` aligns with outputs
+        at ``[:, :-1]`` as labels do.
 
         A bare index in ``batch`` is a row of one example.
         """
@@ -119,6 +121,8 @@ class Batcher:
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        tasks = getattr(self.dataset, "tasks", None)
+        task_ids = torch.full((len(rows), width), IGNORE, dtype=torch.long) if tasks else None
         for b, row in enumerate(rows):
             pos = 0
             for i in row:
@@ -126,12 +130,16 @@ class Batcher:
                 input_ids[b, pos:pos + n] = torch.tensor(self.dataset.input_ids[i])
                 labels[b, pos:pos + n] = torch.tensor(self.dataset.labels[i])
                 labels[b, pos] = IGNORE  # the previous example must not predict this one
+                if task_ids is not None:
+                    task_ids[b, pos + 1:pos + n] = tasks[i]
                 position_ids[b, pos:pos + n] = torch.arange(n)
                 pos += n
             # padding is a sequence of its own when packed (positions restart), the tail otherwise
             position_ids[b, pos:] = torch.arange(width - pos) + (0 if self.packing else pos)
         out = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
                "num_target_tokens": (labels[:, 1:] != IGNORE).sum(), "num_tokens": torch.tensor(sum(used))}
+        if task_ids is not None:
+            out["task_ids"] = task_ids
         if not self.packing:
             out["attention_mask"] = (torch.arange(width)[None, :] < torch.tensor(used)[:, None]).long()
         return out

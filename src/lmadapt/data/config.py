@@ -17,6 +17,10 @@ class DataConfig:
     train: list[str] = option(
         [], "Training files or globs: .jsonl, .json, .csv, .parquet, or .txt/.md (one document per file). "
             "Required to train.")
+    train_tasks: list[int] = option(
+        [], "A task id (an integer >= 0) per data.train entry, in order: rows read through entry i belong to task "
+            "train_tasks[i], and training batches carry it per token as task_ids (MeteoRA's gate loss trains "
+            "on it). Empty: no task ids.")
     validation: list[str] = option([], "Validation files or globs (same formats as train).")
     validation_fraction: float = option(
         0.0, "Without validation files: hold out this fraction of the training rows (seeded by data.seed).")
@@ -59,6 +63,11 @@ class DataConfig:
     def check(self) -> list[str]:
         """Cross-field contradictions, each starting with the field name."""
         problems = []
+        if self.train_tasks and len(self.train_tasks) != len(self.train):
+            problems.append(f"train_tasks: gives {len(self.train_tasks)} task id(s) for {len(self.train)} data.train "
+                            f"entries; give one per entry, in the same order")
+        if any(task < 0 for task in self.train_tasks):
+            problems.append(f"train_tasks: task ids are integers >= 0, got {self.train_tasks}")
         if self.max_length < 2:
             problems.append(f"max_length: must be >= 2 (one token predicts the next), got {self.max_length}")
         if not 0.0 <= self.validation_fraction < 1.0:

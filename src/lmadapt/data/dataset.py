@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from lmadapt.data.config import DataConfig
 from lmadapt.data.formats import Example, build_examples, detect_format
-from lmadapt.data.readers import ReadResult, read_files
+from lmadapt.data.readers import ReadResult, expand_patterns, read_files
 from lmadapt.data.tokens import (
     IGNORE,
     RowProblem,
@@ -33,11 +33,13 @@ KEPT_PROBLEMS = 20
 
 @dataclass
 class TokenizedDataset:
-    """Token rows ready for batching: ``input_ids[i]`` and ``labels[i]`` (-100: no loss) of example i."""
+    """Token rows ready for batching: ``input_ids[i]`` and ``labels[i]`` (-100: no loss) of example i, and its
+    task id ``tasks[i]`` when ``data.train_tasks`` gives them (``tasks`` is empty otherwise)."""
 
     input_ids: list[list[int]] = field(default_factory=list)
     labels: list[list[int]] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    tasks: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -209,6 +211,11 @@ def _load(cfg: DataConfig, tokenizer: Any, *, train: bool,
     train_set = _tokenize(train_ex, tokenizer, cfg, report, problems)
     has_val = validation and (bool(cfg.validation) or cfg.validation_fraction > 0)
     val_set = _tokenize(val_ex, tokenizer, cfg, report, problems) if has_val else None
+    if train and cfg.train_tasks:
+        task_of = _file_tasks(cfg)
+        train_set.tasks = [task_of[_source_file(s, task_of)] for s in train_set.sources]
+        if val_set is not None and "data.validation" not in examples:  # held out from the training rows
+            val_set.tasks = [task_of[_source_file(s, task_of)] for s in val_set.sources]
     problems = in_file_order(problems, [f for read in reads.values() for f in read.files])
     if problems and not cfg.skip_bad_rows:
         raise DataError(problems)
@@ -219,6 +226,26 @@ def _load(cfg: DataConfig, tokenizer: Any, *, train: bool,
     report.rows_skipped, report.skipped = len(problems), problems[:KEPT_PROBLEMS]
     _count_tokens(report, train_set, val_set)
     return train_set, val_set, report
+
+
+def _file_tasks(cfg: DataConfig) -> dict[str, int]:
+    """Each training file's task id (``data.train_tasks[i]`` for the files entry i names); a file two entries with
+    different ids both name is refused."""
+    task_of: dict[str, int] = {}
+    clashes = []
+    for entry, (pattern, task) in enumerate(zip(cfg.train, cfg.train_tasks)):
+        for path in expand_patterns(pattern):
+            if task_of.setdefault(str(path), task) != task:
+                clashes.append(f"{path} (task {task_of[str(path)]}, and task {task} from data.train[{entry}])")
+    if clashes:
+        raise ConfigError([f"data.train_tasks: a file belongs to two tasks: {c}; make the entries name disjoint files"
+                           for c in clashes])
+    return task_of
+
+
+def _source_file(source: str, files: dict[str, int]) -> str:
+    """The file an example's ``source`` (``path``, ``path:LINE``, ``path:item N``, ``path:row N``) was read from."""
+    return source if source in files else source.rsplit(":", 1)[0]
 
 
 def _raise_for_files(reads: dict[str, ReadResult], problems: list[str]) -> None:

@@ -12,6 +12,7 @@ from lmadapt.methods import (  # noqa: F401  (registration)
     lamda,
     lofit,
     lora,
+    meteora,
     miss,
     nola,
     olora,
