@@ -26,6 +26,7 @@ _EXPORTS = {
     "inspect": "lmadapt.api",
     "preview": "lmadapt.api",
     "steer": "lmadapt.api",
+    "load_ensemble": "lmadapt.api",
     "evaluate": "lmadapt.evaluation.run",
     "generate": "lmadapt.decoding.generation",
     "steered_generate": "lmadapt.decoding.steering",

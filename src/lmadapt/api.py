@@ -30,10 +30,12 @@ import torch
 
 from lmadapt.adapters.format import (
     AdapterInfo,
+    load_adapter,
     load_adapter_contents,
     read_adapter_info,
 )
 from lmadapt.config import describe, from_dict
+from lmadapt.decoding.ensemble import COMBINES, Combine, EnsembleLM, Member
 from lmadapt.decoding.generation import generate
 from lmadapt.decoding.steering import steered_generate
 from lmadapt.decoding.value_model import load_value_model
@@ -117,6 +119,47 @@ def load(model: str | ModelConfig | None = None, adapter: str | Path | None = No
             tokenizer.chat_template = info.chat_template["template"]
     base.eval()
     return base, tokenizer, method
+
+
+ENSEMBLE_ADAPTER = "ensemble"  # the name the second LoRA adapter of an ensemble gets on the shared model
+
+
+def load_ensemble(model: str | ModelConfig | None, adapter: str | Path, ensemble_adapter: str | Path, *,
+                  combine: Combine = "prob", dtype: str | None = None, device: str | None = None,
+                  force: bool = False) -> tuple[EnsembleLM, Any]:
+    """(ensemble model, tokenizer): the base model with ``adapter`` and with ``ensemble_adapter``, as one model whose
+    next-token distribution is their ensemble (:mod:`lmadapt.decoding.ensemble`; ``combine``: ``prob`` mixes the
+    probabilities, ``logprob`` averages the log-probabilities, ``max`` takes the larger probability).
+
+    LAE (arXiv:2303.10070): ``adapter`` is a run's ``adapter/`` and ``ensemble_adapter`` its ``adapter_offline/``.
+    Two LoRA adapters share one base model (the second loads as a named adapter, :mod:`lmadapt.adapters.pool`);
+    adapters of other methods get one model instance each (twice the memory). ``model`` None: the base ``adapter``
+    records; both adapters must fit it (unless ``force``). The tokenizer and the chat settings are ``adapter``'s.
+    """
+    if combine not in COMBINES:  # before anything loads
+        raise LmadaptError(f"ensemble combine must be one of {', '.join(COMBINES)}, got {combine!r}")
+    first, second = read_adapter_info(adapter), read_adapter_info(ensemble_adapter)
+    cfg = _model_config(base_model(model, first), dtype=dtype, device=device)
+    base, tokenizer, method = load(cfg, adapter, force=force)
+    if method is not None and method.named_adapters and method_class(second.method["name"]).named_adapters:
+        load_adapter(base, ensemble_adapter, name=ENSEMBLE_ADAPTER, force=force)
+        base.eval()
+        members = [Member(base, method.adapter_name), Member(base, ENSEMBLE_ADAPTER)]
+    else:
+        other, other_tokenizer, _ = load(cfg, ensemble_adapter, force=force)
+        check_vocabularies(tokenizer, {f"ensemble adapter {ensemble_adapter}": other_tokenizer})
+        members = [Member(base), Member(other)]
+    return EnsembleLM(members, combine).eval(), tokenizer
+
+
+def _load_for_inference(model: str | ModelConfig | None, adapter: str | Path | None,
+                        ensemble_adapter: str | Path | None, combine: Combine, **load_args: Any) -> tuple[Any, Any]:
+    """(model, tokenizer): :func:`load`, or :func:`load_ensemble` when ``ensemble_adapter`` is given."""
+    if ensemble_adapter is None:
+        return load(model, adapter, **load_args)[:2]
+    if not adapter:
+        raise LmadaptError("an ensemble adapter is ensembled with the model's adapter: give adapter= (--adapter) too")
+    return load_ensemble(model, adapter, ensemble_adapter, combine=combine, **load_args)
 
 
 def merge(model: str | ModelConfig | None, adapter: str | Path, output_dir: str | Path, *, overwrite: bool = False,
@@ -203,7 +246,8 @@ def evaluate_model(model: str | ModelConfig | None, cfg: EvalConfig | dict[str, 
                    adapter: str | Path | None = None, *,
                    compare: bool = False, dtype: str | None = None, device: str | None = None, force: bool = False,
                    progress: bool | None = None, predictions: str | Path | None = None,
-                   threads: int | None = 0) -> tuple[dict[str, Any], dict[str, Any] | None]:
+                   threads: int | None = 0, ensemble_adapter: str | Path | None = None,
+                   ensemble_combine: Combine = "prob") -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(metrics of the model with its adapter, metrics of the same model with the adapter off or None).
 
     ``cfg`` is an :class:`EvalConfig` or its fields as a dict; the second result is computed only with
@@ -213,13 +257,16 @@ def evaluate_model(model: str | ModelConfig | None, cfg: EvalConfig | dict[str, 
     records; ``chat`` and ``system_prompt`` absent from a dict: as the adapter was trained (:func:`chat_settings`).
     ``threads``: CPU threads, as ``train.threads`` (0: the idle cores; None: torch's setting as it is).
     ``progress``: False shows nothing; None or True a bar on a terminal, else a status line every 30 s.
+    ``ensemble_adapter``: evaluate the ensemble of ``adapter`` and this one (LAE's offline adapter) instead,
+    combined as ``ensemble_combine`` says (:func:`load_ensemble`); ``compare`` then switches both off.
     """
     if compare and not adapter:
         raise LmadaptError("compare=True evaluates the model with and without its adapter; give adapter=")
     cfg = cfg if isinstance(cfg, EvalConfig) else from_dict(EvalConfig, _trained_settings(cfg, adapter),
                                                             "the evaluation settings")
     with _cpu_threads(threads):
-        base, tokenizer, _ = load(model, adapter, dtype=dtype, device=device, force=force)
+        base, tokenizer = _load_for_inference(model, adapter, ensemble_adapter, ensemble_combine, dtype=dtype,
+                                              device=device, force=force)
         after = evaluate(base, tokenizer, cfg, progress=progress, predictions=predictions)
         if not compare:
             return after, None
@@ -331,7 +378,8 @@ def steer(model: str | ModelConfig | None, prompts: Sequence[str], *, adapter: s
           max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
           chat: bool | None = None, system_prompt: str | None = None, batch_size: int = 8,
           stream: Callable[[int, str], None] | None = None, seed: int | None = None, progress: bool | None = False,
-          arg_names: Mapping[str, str] | None = None, threads: int | None = 0) -> list[str]:
+          arg_names: Mapping[str, str] | None = None, threads: int | None = 0,
+          ensemble_adapter: str | Path | None = None, ensemble_combine: Combine = "prob") -> list[str]:
     """The new text for each prompt from ``model`` (+ ``adapter``), loaded from names or folders, steered by
     proxy-tuning/EFT and VAS when asked; plain :func:`lmadapt.decoding.generation.generate` otherwise.
 
@@ -347,6 +395,8 @@ def steer(model: str | ModelConfig | None, prompts: Sequence[str], *, adapter: s
     ``system_prompt`` None: as the adapter was trained (:func:`chat_settings`; no adapter: no chat).
     ``threads``: CPU threads, as ``train.threads`` (0: the idle cores; None: torch's setting as it is).
     ``progress``: False (default) shows nothing; None or True a bar on a terminal, else a status line every 30 s.
+    ``ensemble_adapter``: the model is the ensemble of ``adapter`` and this one (LAE's offline adapter), combined
+    as ``ensemble_combine`` says (:func:`load_ensemble`), decoded token by token with the steering decoder.
     """
     given = {"small_model": small_model, "expert_adapter": expert_adapter, "expert": expert,
              "anti_expert": anti_expert, "beta": beta, "expert_chat": expert_chat, "value_models": value_models,
@@ -356,7 +406,8 @@ def steer(model: str | ModelConfig | None, prompts: Sequence[str], *, adapter: s
     if problems:
         raise LmadaptError("; ".join(problems))
     with _cpu_threads(threads):
-        base, tokenizer, _ = load(model, adapter, dtype=dtype, device=device, force=force)
+        base, tokenizer = _load_for_inference(model, adapter, ensemble_adapter, ensemble_combine, dtype=dtype,
+                                              device=device, force=force)
         chat, system_prompt = chat_settings(adapter, chat, system_prompt)
         common = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                   "chat": chat, "system_prompt": system_prompt, "batch_size": batch_size, "stream": stream,

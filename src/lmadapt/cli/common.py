@@ -48,3 +48,14 @@ def add_threads_arg(p: argparse.ArgumentParser) -> None:
         return value
 
     p.add_argument("--threads", type=count, default=0, metavar="N", help="CPU threads (default 0: the idle cores)")
+
+
+def add_ensemble_args(p: argparse.ArgumentParser) -> None:
+    """``--ensemble-adapter`` and ``--ensemble-combine``: the ensemble of ``--adapter`` with a second adapter (LAE's
+    offline one), as :func:`lmadapt.api.load_ensemble` builds it."""
+    g = p.add_argument_group("ensemble (LAE: --adapter RUN/adapter --ensemble-adapter RUN/adapter_offline)")
+    g.add_argument("--ensemble-adapter", default=None, metavar="DIR",
+                   help="ensemble --adapter with this adapter folder (same base model), per next token")
+    g.add_argument("--ensemble-combine", default="prob", choices=["prob", "logprob", "max"],
+                   help="prob: mean of the probabilities (default); logprob: mean of the log-probabilities; max: "
+                        "the larger probability (LAE's official code); each renormalised (docs/lae.md)")

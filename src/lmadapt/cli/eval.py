@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from lmadapt.cli.common import add_model_args, add_threads_arg
+from lmadapt.cli.common import add_ensemble_args, add_model_args, add_threads_arg
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.evaluation.registry import TaskNames
 
@@ -20,9 +20,24 @@ def add_parser(sub: Any) -> None:
     """Register ``eval`` on the subcommand parsers ``sub``."""
     p = sub.add_parser("eval", help="evaluate a model (optionally with an adapter)")
     add_model_args(p)
+    add_task_args(p)
+    add_ensemble_args(p)
+    add_threads_arg(p)
+    p.add_argument("--compare", action="store_true", help="also evaluate the base model and print before/after")
+    p.add_argument("--predictions", default=None, metavar="FILE.jsonl",
+                   help="write one JSON line per example (id, prediction, gold, score, correct); with --compare "
+                        "the base model's go to FILE.base.jsonl")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as JSON (with --compare: {\"adapted\": ..., \"base\": ...})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
+    p.set_defaults(func=run)
+
+
+def add_task_args(p: argparse.ArgumentParser, data_required: bool = True) -> None:
+    """``--task``, ``--data`` and the flags of :data:`SETTING_FLAGS` (read back by :func:`settings`)."""
     p.add_argument("--task", required=True, choices=TaskNames(), metavar="TASK",
                    help="the evaluation task: %(choices)s (docs/evaluation.md)")
-    p.add_argument("--data", required=True, nargs="+",
+    p.add_argument("--data", required=data_required, nargs="+",
                    help="JSONL/JSON/CSV/Parquet files or globs: rows with the task's fields, or training rows "
                         "(prompt/completion, instruction, chat messages)")
     p.add_argument("--labels", default=None, help="classification label words, comma-separated "
@@ -38,15 +53,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-length", type=int, default=None,
                    help="perplexity: window; completion_loss: tokens per example (default 1024)")
     p.add_argument("--max-examples", type=int, default=None, help="evaluate only the first N rows")
-    add_threads_arg(p)
-    p.add_argument("--compare", action="store_true", help="also evaluate the base model and print before/after")
-    p.add_argument("--predictions", default=None, metavar="FILE.jsonl",
-                   help="write one JSON line per example (id, prediction, gold, score, correct); with --compare "
-                        "the base model's go to FILE.base.jsonl")
-    p.add_argument("--json", action="store_true",
-                   help="print the result as JSON (with --compare: {\"adapted\": ..., \"base\": ...})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or status lines")
-    p.set_defaults(func=run)
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -69,9 +75,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         after, before = evaluate_model(args.model, settings(args), args.adapter, compare=args.compare,
                                        dtype=args.dtype, force=args.force, predictions=args.predictions,
-                                       threads=args.threads, progress=False if args.no_progress else None)
+                                       threads=args.threads, progress=False if args.no_progress else None,
+                                       ensemble_adapter=args.ensemble_adapter, ensemble_combine=args.ensemble_combine)
     except ConfigError as exc:
-        raise ConfigError([_as_flag(p) for p in exc.problems], "the eval flags") from None
+        raise ConfigError([as_flag(p) for p in exc.problems], "the eval flags") from None
     if args.json:
         result = after if before is None else {"adapted": after, "base": before}
         print(json.dumps(result, indent=2, default=str))
@@ -82,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _as_flag(problem: str) -> str:
+def as_flag(problem: str) -> str:
     """A settings problem (``"max_new_tokens: ..."``) named by its flag (``"--max-new-tokens: ..."``)."""
     key = problem.split(":", 1)[0]
     return SETTING_FLAGS[key] + problem[len(key):] if key in SETTING_FLAGS else problem

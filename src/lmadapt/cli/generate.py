@@ -7,13 +7,14 @@ import json
 import sys
 from typing import Any
 
-from lmadapt.cli.common import add_model_args, add_threads_arg
+from lmadapt.cli.common import add_ensemble_args, add_model_args, add_threads_arg
 
 
 def add_parser(sub: Any) -> None:
     """Register ``generate`` on the subcommand parsers ``sub``."""
     p = sub.add_parser("generate", help="generate text (optionally steered by proxy-tuning/EFT or VAS)")
     add_model_args(p)
+    add_ensemble_args(p)
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; default: stdin lines)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="render prompts with the chat template (default: as the adapter was trained)")
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, chat=args.chat, system_prompt=args.system_prompt, stream=stream,
                     seed=args.seed, arg_names=FLAG_NAMES, threads=args.threads,
+                    ensemble_adapter=args.ensemble_adapter, ensemble_combine=args.ensemble_combine,
                     progress=False if args.no_progress or stream else None)
     if args.jsonl:
         for prompt, out in zip(prompts, outputs):

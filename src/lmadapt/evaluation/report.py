@@ -22,7 +22,7 @@ def compare_table(rows: list[tuple[str, dict[str, Any], dict[str, Any]]], *, mar
             b, a = flat_before.get(key), flat_after.get(key)
             change = _number(a - b, signed=True) if a is not None and b is not None else "-"
             lines.append((name, key, _number(b), _number(a), change))
-    return _table(header, lines, markdown)
+    return text_table(header, lines, markdown)
 
 
 def result_table(rows: list[tuple[str, dict[str, Any]]], *, markdown: bool = False) -> str:
@@ -30,10 +30,10 @@ def result_table(rows: list[tuple[str, dict[str, Any]]], *, markdown: bool = Fal
     (``n``, ``correct``, ``tokens``); ``rows`` are ``(name, result)``."""
     lines = [(name, key, _number(value)) for name, result in rows
              for key, value in _metrics(result, counts=True).items()]
-    return _table(("eval", "metric", "value"), lines, markdown)
+    return text_table(("eval", "metric", "value"), lines, markdown)
 
 
-def _table(header: tuple[str, ...], lines: list[tuple[str, ...]], markdown: bool) -> str:
+def text_table(header: tuple[str, ...], lines: list[tuple[str, ...]], markdown: bool = False) -> str:
     """Aligned plain text (the first two columns left-aligned, numbers right-aligned), or Markdown."""
     if markdown:
         rule = "| " + " | ".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + " |"

@@ -60,7 +60,7 @@ class _DistillSums(torch.autograd.Function):
             s, t = (s1, teacher[rows].to(acc)) if T == 1 else (s1 / T, teacher[rows].to(acc) / T)
             lse_s[rows], lse_t[rows] = torch.logsumexp(s, -1), torch.logsumexp(t, -1)
             p_t = (t - lse_t[rows, None]).exp_()
-            kl_rows = (p_t * t.sub_(s)).sum(-1) - lse_t[rows] + lse_s[rows]
+            kl_rows = p_t.mul_(t - s).sum(-1) - lse_t[rows] + lse_s[rows]  # not t.sub_: t may be the teacher's own rows
             lse_1[rows] = lse_s[rows] if T == 1 else torch.logsumexp(s1, -1)
             ce_rows = lse_1[rows] - s1.gather(1, picked[rows]).squeeze(1)
             kl += kl_rows[valid[rows]].sum()
@@ -85,7 +85,7 @@ class _DistillSums(torch.autograd.Function):
             g = None
             if use_kl:
                 s, t = (s1, teacher[rows].to(s1.dtype)) if T == 1 else (s1 / T, teacher[rows].to(s1.dtype) / T)
-                p_t = t.sub_(lse_t[rows, None]).exp_()
+                p_t = (t - lse_t[rows, None]).exp_()  # out of place: at T = 1, t may be the teacher's own rows
                 g = (s - lse_s[rows, None]).exp_().sub_(p_t).mul_(g_kl / T)
             if use_ce:
                 p_1 = (s1 - lse_1[rows, None]).exp_()
@@ -241,15 +241,20 @@ class Distill(Objective):
         return LossOutput(loss, n, outputs, {k: float(v) for k, v in sums.items()})
 
 
-def load_teacher(name: str, tokenizer: Any, *, dtype: str, device: torch.device, what: str = "teacher",
-                 hint: str = "") -> nn.Module:
+def load_teacher(name: str | None, tokenizer: Any, *, dtype: str, device: torch.device, what: str = "teacher",
+                 hint: str = "", adapter: str | None = None, force: bool = False) -> nn.Module:
     """The frozen teacher ``name`` (eval mode, no gradients) on ``device`` in ``dtype``; refused unless it has the
     tokenizer of the model being trained and a logit for each of its tokens. ``what`` names the setting in
-    messages; ``hint`` is appended to the advice."""
-    from lmadapt.models.loading import ModelConfig, load_model
+    messages; ``hint`` is appended to the advice. ``adapter``: an adapter folder applied to the teacher (``name``
+    None: on the base it records; ``force``: even when trained on other base weights), as :func:`lmadapt.api.load`."""
+    from lmadapt.api import load
     from lmadapt.models.vocab import vocabulary_mismatch
 
-    teacher, teacher_tok = load_model(ModelConfig(name_or_path=name, dtype=dtype, device=str(device)))
+    try:
+        teacher, teacher_tok, _ = load(name, adapter, dtype=dtype, device=str(device), force=force)
+    except LmadaptError as exc:  # a missing folder, an adapter for other weights: say which setting named it
+        raise LmadaptError(f"{what}: {exc}") from None
+    name = name or f"the base of adapter {adapter}"
     if tokenizer is not None:
         mismatch = vocabulary_mismatch(tokenizer, teacher_tok)
         if mismatch:

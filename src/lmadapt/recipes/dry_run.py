@@ -109,6 +109,8 @@ def dry_run(config: str | Path | dict[str, Any] | RunConfig, overrides: Sequence
     check_eval_data(cfg.evals)
     if cfg.init_adapter:
         read_init_adapter(cfg.init_adapter, method, model, base_fp)
+    if cfg.train.lae_offline_init:
+        read_init_adapter(cfg.train.lae_offline_init, method, model, base_fp, key="train.lae_offline_init")
     trainable = None
     if not method.calibration_batches:
         method.apply(model)

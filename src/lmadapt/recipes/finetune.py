@@ -37,6 +37,7 @@ from lmadapt.models.tree import count_parameters
 from lmadapt.objectives.base import OBJECTIVES, build_objective
 from lmadapt.registry import config_with_sections
 from lmadapt.training.config import TrainConfig
+from lmadapt.training.lae import OFFLINE_DIR, save_offline_adapter
 from lmadapt.training.loop import LoopResult
 from lmadapt.training.run import Run, loop_report, loss_summary, make_batcher, say
 
@@ -112,6 +113,8 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
     check_eval_data(cfg.evals)
     base_name = model_display_name(cfg.model)
     init = read_init_adapter(cfg.init_adapter, method, model, base_fp) if cfg.init_adapter else None
+    if cfg.train.lae_offline_init:  # LAE's offline copy starts from it (lmadapt.training.lae): checked now
+        read_init_adapter(cfg.train.lae_offline_init, method, model, base_fp, key="train.lae_offline_init")
     batch = dict(max_length=cfg.data.max_length, batching=cfg.data.batching, pad_id=tokenizer.pad_token_id)
     batcher = run.batcher(train_set, **batch)
     val_batcher = run.batcher(val_set, **batch) if val_set is not None and len(val_set) else None
@@ -136,6 +139,13 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
         save_adapter(model, method, adapter_dir, base_model=base_name, base_fingerprint=base_fp, overwrite=True,
                      tokenizer=tokenizer if method.changes_tokenizer else None, objective=objective,
                      extra=training_record(cfg.data, data_report.format, tokenizer), export=True)
+        if result.offline is not None:  # LAE: the offline copy, in the same format, beside adapter/
+            save_offline_adapter(model, method, result.offline, run.path / OFFLINE_DIR,
+                                 momentum=cfg.train.lae_momentum, warmup_steps=cfg.train.lae_warmup_steps,
+                                 base_model=base_name, base_fingerprint=base_fp, overwrite=True, objective=objective,
+                                 export=True,
+                                 tokenizer=tokenizer if method.changes_tokenizer else None,
+                                 extra=training_record(cfg.data, data_report.format, tokenizer))
     evals_after = _evaluate_all(model, tokenizer, cfg, run, "after")
     report = {"model": base_name, "base_fingerprint": base_fp, "method": method.name, "objective": objective.name,
               "trainable_parameters": trainable, "total_parameters": total, "data": to_dict(data_report),
@@ -149,6 +159,9 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
     say(loss_summary(result), run.dist)
     say(f"adapter saved to {adapter_dir}; report {run.path / 'report.json'}; loss curve {run.path / 'loss.png'}",
         run.dist)
+    if result.offline is not None:
+        say(f"LAE offline adapter saved to {run.path / OFFLINE_DIR}; ensemble the two with --adapter {adapter_dir} "
+            f"--ensemble-adapter {run.path / OFFLINE_DIR} (docs/lae.md)", run.dist)
     return TrainResult(run.path, adapter_dir, result, evals_before, evals_after, report)
 
 
@@ -162,9 +175,11 @@ def check_eval_data(evals: list[EvalConfig]) -> None:
             raise ConfigError([f"evals[{i}].data: {p}" for p in exc.problems]) from None
 
 
-def read_init_adapter(path: str | Path, method: Method, model: Any, base_fingerprint: str) -> AdapterInfo:
-    """The ``init_adapter`` folder, read and checked before anything is written: its config and tensors are
-    readable, it holds an adapter of the run's method, and it was trained on this base model.
+def read_init_adapter(path: str | Path, method: Method, model: Any, base_fingerprint: str,
+                      key: str = "init_adapter") -> AdapterInfo:
+    """The ``init_adapter`` folder (or another setting's, named ``key`` in errors), read and checked before
+    anything is written: its config and tensors are readable, it holds an adapter of the run's method, and it
+    was trained on this base model.
 
     Whether its tensors fit the method's rank and target modules is known only once the method is applied
     (after the base evaluation); :func:`load_adapter_weights` reports that.
@@ -178,7 +193,7 @@ def read_init_adapter(path: str | Path, method: Method, model: Any, base_fingerp
         read_adapter_tensors(info.path)
         check_base(info, model, base_fingerprint)
     except AdapterError as exc:
-        raise AdapterError(f"init_adapter: {exc}") from None
+        raise AdapterError(f"{key}: {exc}") from None
     return info
 
 

@@ -3,7 +3,8 @@
 A checkpoint folder ``checkpoints/step-0000100`` holds the adapter (same format as the final one),
 ``optimizer.safetensors`` (AdamW moments and step counts, keyed by parameter position),
 ``rng.safetensors`` (torch CPU/CUDA generator states), ``objective.safetensors`` (heads the objective
-trains, when it has any) and ``trainer_state.json`` (step, data position, counters, Python's RNG state, the
+trains, when it has any), ``lae_offline.safetensors`` (LAE's offline copy, with ``train.lae_momentum``) and
+``trainer_state.json`` (step, data position, counters, Python's RNG state, the
 method's own state). Only complete folders are ever visible: each is written to a temporary folder and
 renamed, and an old one is renamed away before it is deleted, so a kill never leaves a half-deleted folder
 that looks complete. Temporaries that a killed writer left behind are removed at the next save.
@@ -19,7 +20,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,7 +34,11 @@ from lmadapt.jsonfile import JsonFileError, read_json_object
 from lmadapt.methods import Method
 from lmadapt.objectives.base import Objective
 
+if TYPE_CHECKING:
+    from lmadapt.training.lae import OfflineCopy
+
 STATE_NAME = "trainer_state.json"
+LAE_NAME = "lae_offline.safetensors"
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -87,8 +92,9 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
 def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, method: Method,
                     optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any],
                     base_model: str | None, base_fingerprint: str | None, keep_last: int,
-                    objective: Objective | None = None) -> Path:
-    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep_last``."""
+                    objective: Objective | None = None, lae_offline: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep_last``; ``lae_offline``: LAE's
+    offline copy (:meth:`lmadapt.training.lae.OfflineCopy.state_dict`), when the run keeps one."""
     path = Path(run_dir) / "checkpoints" / f"step-{step:07d}"
     _clean_debris(path.parent)
     head = objective.trainable_state(model) if objective is not None else {}
@@ -110,6 +116,8 @@ def save_checkpoint(run_dir: Path, step: int, *, model: torch.nn.Module, method:
         if head:
             save_file({k: v.detach().to("cpu").contiguous() for k, v in head.items()},
                       str(tmp / "objective.safetensors"))
+        if lae_offline is not None:
+            save_file(lae_offline, str(tmp / LAE_NAME))
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1, default=_json_default) + "\n",
                                       encoding="utf-8")
     for old in checkpoint_dirs(run_dir)[:-max(1, keep_last)]:
@@ -139,6 +147,7 @@ class Checkpoint:
     optimizer: dict[str, torch.Tensor]  # optimizer.safetensors: "<parameter position>.<state name>"
     rng: dict[str, torch.Tensor]  # rng.safetensors
     objective: dict[str, torch.Tensor] | None  # objective.safetensors, when the objective trains a head
+    lae_offline: dict[str, torch.Tensor] | None = None  # lae_offline.safetensors, when the run keeps LAE's copy
 
 
 _STATE_KEYS = {"step": int, "optimizer_groups": list, "python_rng": list, "numpy_rng": list}
@@ -172,7 +181,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise _damaged(path, "rng.safetensors", f"no usable torch_cpu state ({exc})") from None
     objective = (_read_tensors(path, "objective.safetensors") if (path / "objective.safetensors").is_file()
                  else None)
-    return Checkpoint(path, state, adapter, optimizer, rng, objective)
+    lae = _read_tensors(path, LAE_NAME) if (path / LAE_NAME).is_file() else None
+    return Checkpoint(path, state, adapter, optimizer, rng, objective, lae)
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -224,17 +234,21 @@ def _set_python_numpy_rng(state: dict[str, Any], py_random: Any = random, np_ran
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, method: Method,
                     rebuild_optimizer: Callable[[], torch.optim.Optimizer],
-                    objective: Objective | None = None) -> dict[str, Any]:
+                    objective: Objective | None = None, offline: OfflineCopy | None = None) -> dict[str, Any]:
     """Restore the method's state, the trainable weights, the optimizer and the RNG from ``path``.
 
     Every file is read and checked first (:func:`read_checkpoint`), so a damaged one is reported before
     anything changes. Then, order matters: the method's own state first (it may re-establish a trainable set
     that changed during the run), then the tensors, then ``rebuild_optimizer()`` builds the optimizer over
     the groups as they are now and its saved state is loaded into it. Returns the trainer state, with the new
-    optimizer under ``"optimizer"``. A checkpoint written by a run with another method or trainable set
-    raises :class:`CheckpointError`.
+    optimizer under ``"optimizer"``. ``offline``: LAE's offline copy, restored last. A checkpoint written by a
+    run with another method or trainable set raises :class:`CheckpointError`.
     """
     saved = read_checkpoint(path)
+    if offline is not None and saved.lae_offline is None:
+        raise CheckpointError(f"checkpoint {saved.path} holds no LAE offline copy ({LAE_NAME}), but this run keeps "
+                              f"one (train.lae_momentum); resume with the config the run was started with "
+                              f"({saved.path.parent.parent / 'config.yaml'}), or start again without --resume")
     try:
         method.load_state_dict(model, saved.state.get("method_state") or {})
         method.load_adapter_state(model, saved.adapter)
@@ -242,6 +256,8 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, method: Method,
             objective.load_trainable_state(model, saved.objective)
         optimizer = rebuild_optimizer()
         _restore_optimizer(optimizer, saved.optimizer, saved.state["optimizer_groups"])
+        if offline is not None and saved.lae_offline is not None:
+            offline.load_state_dict(saved.lae_offline)
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {saved.path} does not fit this run ({exc}); resume with the config "
                               f"the run was started with ({saved.path.parent.parent / 'config.yaml'}), or start "

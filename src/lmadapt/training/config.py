@@ -48,6 +48,17 @@ class TrainConfig:
                "gradients. Transformers models only (not VAS value models).")
     threads: int = option(0, "CPU threads (0: auto, the cores idle when the run starts, or OMP_NUM_THREADS "
                              "when it is set). A resumed run keeps its first count, so it stays bit-exact.")
+    lae_momentum: float | None = option(
+        None, "LAE (arXiv:2303.10070; docs/lae.md): keep an offline copy of the trained adapter parameters as "
+              "an exponential moving average, off <- m * off + (1 - m) * online after every optimizer step, and "
+              "write it as adapter_offline/ beside adapter/ (ensemble the two with --ensemble-adapter). null: "
+              "off; 0: the offline copy equals the online one; 1: it never moves. The official code uses 0.9999.")
+    lae_warmup_steps: int = option(
+        0, "LAE: for the first N optimizer steps the offline copy is set equal to the online one; the average "
+           "starts after (the official code starts its offline copy from the online module after the first task).")
+    lae_offline_init: str | None = option(
+        None, "LAE: start the offline copy from this adapter folder (e.g. the previous task's adapter_offline/, "
+              "with init_adapter the previous task's adapter/) instead of the online weights at the start.")
 
     def check(self) -> list[str]:
         problems = []
@@ -63,4 +74,11 @@ class TrainConfig:
         for name in ("max_steps", "eval_every", "save_every", "warmup_steps", "eval_batches", "threads"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.lae_momentum is not None and not 0 <= self.lae_momentum <= 1:
+            problems.append(f"lae_momentum: must be in [0, 1] (null: no LAE), got {self.lae_momentum}")
+        if self.lae_warmup_steps < 0:
+            problems.append(f"lae_warmup_steps: must be >= 0, got {self.lae_warmup_steps}")
+        if self.lae_momentum is None and (self.lae_warmup_steps or self.lae_offline_init):
+            problems.append("lae_warmup_steps and lae_offline_init set the LAE offline copy, which is off: set "
+                            "lae_momentum too (e.g. 0.9999), or drop them")
         return problems

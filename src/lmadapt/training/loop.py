@@ -38,6 +38,7 @@ from lmadapt.training.checkpoint import (
 )
 from lmadapt.training.config import TrainConfig
 from lmadapt.training.distributed import Distributed
+from lmadapt.training.lae import OfflineCopy
 from lmadapt.training.optim import build_optimizer
 from lmadapt.training.precision import autocast, needs_autocast
 from lmadapt.training.resume import interrupt_message
@@ -58,6 +59,7 @@ class LoopResult:
     val_loss: float | None
     skipped_steps: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    offline: dict[str, torch.Tensor] | None = None  # LAE's offline copy (train.lae_momentum), by parameter name
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -86,7 +88,9 @@ class Trainer:
         # A mask that only marks right padding changes nothing that carries loss, unless some position may
         # attend to a later one: only when the objective and the method both keep causal attention.
         self.drop_padding_mask = self.objective.causal_attention and method.causal_attention
+        self.step_metrics: dict[str, float] = {}  # the last step's objective metrics per unit, for the log
         self.optimizer = self._build_optimizer()
+        self.lae = OfflineCopy.for_run(model, method, cfg, self.objective)  # None unless train.lae_momentum
         self.steps_per_epoch = max(1, len(train_batcher) // cfg.grad_accum)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.warmup = cfg.warmup_steps or round(cfg.warmup_ratio * self.total_steps)
@@ -123,7 +127,7 @@ class Trainer:
         if not found:
             return None
         saved = load_checkpoint(found[-1], model=self.model, method=self.method, objective=self.objective,
-                                rebuild_optimizer=self._build_optimizer)
+                                rebuild_optimizer=self._build_optimizer, offline=self.lae)
         self.optimizer = saved.pop("optimizer")
         self.state.update({k: saved[k] for k in self.state if k in saved})
         return found[-1]
@@ -140,11 +144,13 @@ class Trainer:
         n_step = max(1.0, n_step)
         self.state["input_tokens"] += int(n_inputs)
         self.optimizer.zero_grad(set_to_none=True)
-        total, bad, contexts = 0.0, None, []
+        total, bad, contexts, sums = 0.0, None, [], {}
         for i, mb in enumerate(micro):
             mb = to_device(mb, self.device)
             with autocast(self.device, cfg.precision, self.use_autocast):
                 out = objective.loss(model, mb, drop_padding_mask=self.drop_padding_mask)
+                for key, value in out.metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value
                 ctx = StepContext(model, mb, self.state["step"], self.total_steps, out.outputs, self.optimizer,
                                   micro_index=i, _base_logits=lambda mb=mb, o=out.outputs: self._base_logits(mb, o))
                 loss = out.loss / n_step
@@ -158,6 +164,8 @@ class Trainer:
                 break
             self.scaler.scale(loss).backward()
             total += loss.item()
+        # the objective's metrics (detached sums) per loss-bearing unit of this process's micro-batches
+        self.step_metrics = {f"{objective.name}/{k}": v / max(1, sum(counts)) for k, v in sums.items()}
         if self.dist.any(bad is not None, self.device):
             return self._non_finite(bad or "loss is not finite on another process")
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -179,8 +187,11 @@ class Trainer:
         self.scaler.update()
         self.method.after_optimizer_step(step_ctx)
         self.state["tokens"] += int(n_step)
-        if self.method.on_step_end(step_ctx):
+        rebuilt = self.method.on_step_end(step_ctx)
+        if rebuilt:
             self.optimizer = self._build_optimizer(previous=self.optimizer)
+        if self.lae is not None:  # LAE: the offline copy accumulates the step
+            self.lae.update(self.state["step"] + 1, retrack=rebuilt)
         return total, grad_norm
 
     def _non_finite(self, what: str) -> tuple[None, float]:
@@ -272,6 +283,8 @@ class Trainer:
                 if loss is None:  # a skipped step has no loss to report
                     del record["loss"]
                     record["skipped"] = True
+                else:
+                    record.update(self.step_metrics)
                 if (state["step"] % cfg.log_every == 0 or loss is None) and log is not None:
                     log.log(record)
                     history.append(record)
@@ -289,7 +302,8 @@ class Trainer:
                     self.dist.main_first(lambda: save_checkpoint(
                         self.run_dir, state["step"], model=self.model, method=self.method, objective=self.objective,
                         optimizer=self.optimizer, trainer_state=dict(state), base_model=self.base_model,
-                        base_fingerprint=self.base_fingerprint, keep_last=cfg.keep_last))
+                        base_fingerprint=self.base_fingerprint, keep_last=cfg.keep_last,
+                        lae_offline=None if self.lae is None else self.lae.state_dict()))
         except KeyboardInterrupt:  # Ctrl-C: say what --resume would continue from, then stop as asked
             bar.close()
             if main:
@@ -301,4 +315,4 @@ class Trainer:
                 log.close()
             self.model.eval()
         return LoopResult(state["step"], state["tokens"], state["input_tokens"], state["elapsed"], last_loss,
-                          val_loss, state["skipped"], history)
+                          val_loss, state["skipped"], history, None if self.lae is None else self.lae.state_dict())
