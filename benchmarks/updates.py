@@ -253,8 +253,9 @@ def main() -> None:
 
     models = work / "models"
     tuned_full = merged_once(full_v1, models / "v1_topics_full")
-    if not (models / "v2_diff").exists():
+    if not (work / "topics_full_diff").exists():
         extract_diff(V1, tuned_full, work / "topics_full_diff", progress=False)
+    if not (models / "v2_diff").exists():
         apply_diff(work / "topics_full_diff", v2, models / "v2_diff", progress=False)
     ported = work / "ported_topics_lora_v2"
     if not ported.exists():

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from lmadapt.cli import compare as compare_command
 from lmadapt.cli import (
     config_help,
     demo,
@@ -25,13 +26,13 @@ from lmadapt.cli import (
     train,
     vas_train,
 )
-from lmadapt.cli import eval as eval_command
-from lmadapt.cli import compare as compare_command
 from lmadapt.cli import diff as diff_command
+from lmadapt.cli import eval as eval_command
 from lmadapt.cli import port as port_command
 from lmadapt.errors import LmadaptError
 
-_COMMANDS = (train, config_help, eval_command, generate, vas_train, make_helper, merge, diff_command, port_command, compare_command, inspect, demo)
+_COMMANDS = (train, config_help, eval_command, generate, vas_train, make_helper, merge, diff_command, port_command,
+             compare_command, inspect, demo)
 _CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
 
 
