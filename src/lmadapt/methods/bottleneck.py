@@ -44,6 +44,7 @@ from lmadapt.models.tree import (
     freeze_all,
     modules_of_type,
     name_matches,
+    plain_linear,
     replace_module,
 )
 
@@ -165,11 +166,7 @@ class BottleneckLinear(nn.Module):
 
     def as_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding this layer's ``weight`` and ``bias`` (the adapter left out)."""
-        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        plain.weight = self.weight
-        if self.bias is not None:
-            plain.bias = self.bias
-        return plain
+        return plain_linear(self)
 
     def extra_repr(self) -> str:
         scaling = "learned" if self.learned_scaling else f"{self.scaling:g}"

@@ -36,6 +36,7 @@ from lmadapt.models.tree import (
     find_modules,
     freeze_all,
     modules_of_type,
+    plain_linear,
     replace_module,
 )
 
@@ -155,11 +156,7 @@ class DoraLinear(nn.Module):
 
     def as_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding this layer's ``weight`` and ``bias`` (the merged weight, if merged)."""
-        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        plain.weight = self.weight
-        if self.bias is not None:
-            plain.bias = self.bias
-        return plain
+        return plain_linear(self)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.lora_A.shape[0]}, "

@@ -37,6 +37,7 @@ from lmadapt.models.tree import (
     find_modules,
     freeze_all,
     modules_of_type,
+    plain_linear,
     replace_module,
 )
 
@@ -188,11 +189,7 @@ class LamdaLinear(nn.Module):
         if not self._merged:
             with torch.no_grad():
                 self.weight += (self.scaling * (self.lamda_B0S0 @ self.lamda_A)).to(self.weight.dtype)
-        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        plain.weight = self.weight
-        if self.bias is not None:
-            plain.bias = self.bias
-        return plain
+        return plain_linear(self)
 
     # --- forward ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

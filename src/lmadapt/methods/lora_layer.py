@@ -22,6 +22,7 @@ from torch import nn
 
 from lmadapt.config import option
 from lmadapt.errors import LmadaptError
+from lmadapt.models.tree import plain_linear
 
 DEFAULT_ADAPTER = "default"
 RESIDUAL = "<residual>"  # in a layer's per-call plan: add back what a PiSSA-style start took out of the weight
@@ -232,11 +233,7 @@ class LoraLinear(nn.Module):
 
     def as_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding this layer's ``weight`` and ``bias`` (merged adapters included)."""
-        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        plain.weight = self.weight
-        if self.bias is not None:
-            plain.bias = self.bias
-        return plain
+        return plain_linear(self)
 
     def reset_adapter(self, init: str, name: str = DEFAULT_ADAPTER) -> None:
         """Re-initialise adapter ``name``'s factors (``init`` as in :class:`LoraConfig`)."""

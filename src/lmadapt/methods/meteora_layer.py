@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmadapt.data.tokens import IGNORE
+from lmadapt.models.tree import plain_linear
 
 
 def route(logits: torch.Tensor, k: int, weights: str = "fast", temperature: float = 1.0
@@ -114,11 +115,7 @@ class MeteoraLinear(nn.Module):
 
     def as_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding this layer's ``weight`` and ``bias``."""
-        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        plain.weight = self.weight
-        if self.bias is not None:
-            plain.bias = self.bias
-        return plain
+        return plain_linear(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)

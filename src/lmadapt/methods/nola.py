@@ -46,6 +46,7 @@ from lmadapt.models.tree import (
     find_modules,
     freeze_all,
     modules_of_type,
+    plain_linear,
     replace_module,
 )
 
@@ -252,11 +253,7 @@ class NolaLinear(nn.Module):
 
     def as_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding this layer's ``weight`` and ``bias`` (a merged update included)."""
-        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        plain.weight = self.weight
-        if self.bias is not None:
-            plain.bias = self.bias
-        return plain
+        return plain_linear(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)

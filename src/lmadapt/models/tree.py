@@ -92,6 +92,17 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
+def plain_linear(layer: nn.Module) -> nn.Linear:
+    """A plain ``nn.Linear`` sharing ``layer``'s ``weight`` and ``bias`` Parameters (no copy): what an adapter layer
+    that wraps a linear becomes when it is unloaded (its ``as_linear``)."""
+    bias = getattr(layer, "bias", None)
+    plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
+    plain.weight = layer.weight
+    if bias is not None:
+        plain.bias = bias
+    return plain
+
+
 def add_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` at dotted path ``name``, where there is nothing yet: an adapter that sits beside the base
     modules instead of replacing one (prompt tuning's soft prompt). The base model's state-dict keys stay as
