@@ -1,0 +1,262 @@
+"""Resize a model for an extended tokenizer and initialise the rows of its new tokens.
+
+Vocabulary expansion (Yamaguchi et al., "How Can We Effectively Expand the Vocabulary of LLMs with 0.01GB of
+Target Language Text?", arXiv:2406.11477, section 3; code gucci-j/lowres-cve). With ``E`` the old rows of one
+matrix (input embeddings, or the output layer when untied; each is initialised from itself) and ``t`` a new token:
+
+- ``random``:   e_t ~ N(mu, diag(sigma^2)), mu and sigma the per-dimension mean and std of E's rows.
+- ``mean_all``: e_t = mean_i E_i.
+- ``mean``:     e_t = mean_{s in S(t)} E_s, S(t) the old tokenizer's pieces of t's string.
+- ``merge``:    e_t = (e_l + e_r) / 2 along t's merge ``l + r``, parts resolved recursively (old tokens: E_s),
+                so a piece k merges deep weighs 2^-k.
+- ``focus``:    FOCUS (Dobler & de Melo, arXiv:2305.14481) with orthogonal matching pursuit in place of sparsemax,
+                as in training-free tokenizer transplantation (Goddard & Neto, arXiv:2506.06607). Static auxiliary
+                vectors a_v come from ``texts`` encoded with the NEW tokenizer (PPMI over a +-2 token window,
+                truncated SVD); OMP picks k = 8 old tokens O(t) and least-squares weights
+                c = argmin ||a_t - sum_{o in O(t)} c_o a_o||, and e_t = sum_o c_o E_o. Tokens seen fewer than
+                3 times fall back to ``mean``.
+
+Rows past ``len(new_tokenizer)`` (padding to a multiple of 8) are zero; old rows are never written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmadapt.vocab.bpe import VocabError
+from lmadapt.vocab.expand import NewToken
+
+INIT_METHODS = ("random", "mean_all", "mean", "merge", "focus")
+"""The initialisations :func:`init_new_rows` implements, by name."""
+
+FOCUS_WINDOW, FOCUS_DIM, FOCUS_CONTEXTS, FOCUS_ATOMS, FOCUS_MIN_COUNT = 2, 64, 2048, 8, 3
+"""FOCUS/OMP settings: co-occurrence window, SVD dimension, context columns kept (most frequent tokens), OMP atoms
+per token, and the fewest occurrences a token needs in ``texts`` to get an auxiliary vector."""
+
+
+@dataclass
+class InitReport:
+    """What :func:`init_new_rows` did: method, number of new rows per matrix, matrices written (1 when tied), and
+    the tokens that fell back to ``mean`` (``focus`` without enough context, ``merge`` with an unknown part)."""
+
+    method: str
+    rows: int
+    matrices: int
+    fell_back: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        extra = f"; {len(self.fell_back)} fell back to mean" if self.fell_back else ""
+        return f"{self.method}: {self.rows} new row(s) in {self.matrices} matrix(es){extra}"
+
+
+def embedding_matrices(model: Any) -> list[torch.nn.Parameter]:
+    """The input embedding weight and, unless it is the very same Parameter (tied), the output layer's weight."""
+    inp = model.get_input_embeddings().weight
+    out_layer = model.get_output_embeddings()
+    out = getattr(out_layer, "weight", None)
+    return [inp] if out is None or out is inp else [inp, out]
+
+
+def resize_for(model: Any, tokenizer: Any, *, pad_to_multiple_of: int | None = 8) -> int:
+    """Give ``model`` at least ``len(tokenizer)`` rows (rounded up to ``pad_to_multiple_of``) in its input and
+    output matrices; old rows are kept bit for bit, added rows are zero, a model never shrinks. Returns the old
+    row count. ``config.vocab_size`` follows (transformers' ``resize_token_embeddings`` sets it)."""
+    old = model.get_input_embeddings().weight.shape[0]
+    m = pad_to_multiple_of or 1
+    target = max(old, -(-len(tokenizer) // m) * m)
+    if target != old:
+        model.resize_token_embeddings(target, mean_resizing=False)
+        with torch.no_grad():
+            for w in embedding_matrices(model):
+                w[old:].zero_()
+            bias = getattr(model.get_output_embeddings(), "bias", None)
+            if bias is not None:
+                bias[old:].zero_()
+    return old
+
+
+def subtoken_ids(old_tokenizer: Any, token: str) -> list[int]:
+    """The old tokenizer's ids for a BPE-model string (``'Ġund'``, ``'▁und'``), from its BPE model directly.
+
+    This is "tokenize the new token's string with the source tokenizer" done in model space, so a token that is
+    only part of a UTF-8 character (which would decode to U+FFFD) and a word-initial ``'▁'`` stay exact."""
+    return [t.id for t in old_tokenizer.backend_tokenizer.model.tokenize(token)]
+
+
+def init_new_rows(model: Any, old_tokenizer: Any, new_tokenizer: Any, new_tokens: Sequence[NewToken],
+                  method: str, *, seed: int = 0, texts: Iterable[str] | None = None) -> InitReport:
+    """Initialise the input (and, when untied, output) rows of ``new_tokens`` in ``model`` by ``method`` (one of
+    :data:`INIT_METHODS`, equations in the module docstring); call :func:`resize_for` first. ``texts`` (target
+    text) is needed by ``focus`` only; ``seed`` drives ``random``."""
+    if method not in INIT_METHODS:
+        raise VocabError(f"unknown initialisation {method!r}; choose one of {', '.join(INIT_METHODS)}.")
+    ids = _new_ids(model, old_tokenizer, new_tokenizer, new_tokens)
+    n_old = len(old_tokenizer)
+    fell_back: list[str] = []
+    plan = None
+    if method == "focus":
+        if texts is None:
+            raise VocabError("the focus initialisation needs target-language texts (texts=...) to learn which old "
+                             "tokens each new token is used like.")
+        plan = _focus_plan(new_tokenizer, list(texts), ids, n_old)
+    gen = torch.Generator().manual_seed(seed)
+    matrices = embedding_matrices(model)
+    with torch.no_grad():
+        for w in matrices:
+            old = w[:n_old].detach().to(torch.float64)
+            if method == "random":
+                mu, sd = old.mean(0), old.std(0)
+                rows = mu + sd * torch.randn(len(ids), old.shape[1], generator=gen, dtype=torch.float64)
+            elif method == "mean_all":
+                rows = old.mean(0).expand(len(ids), -1)
+            elif method == "mean":
+                rows = torch.stack([_mean(old, subtoken_ids(old_tokenizer, t.token)) for t in new_tokens])
+            elif method == "merge":
+                rows, fell_back = _merge_rows(old, old_tokenizer, new_tokens)
+            else:
+                rows, fell_back = _focus_rows(old, old_tokenizer, new_tokens, ids, plan)
+            w[ids] = rows.to(w.dtype)
+    return InitReport(method, len(ids), len(matrices), fell_back)
+
+
+def _new_ids(model: Any, old_tokenizer: Any, new_tokenizer: Any, new_tokens: Sequence[NewToken]) -> list[int]:
+    """The new tokenizer's ids of ``new_tokens``, checked to be new (>= len(old)) and inside the resized matrix."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < len(new_tokenizer):
+        raise VocabError(f"the model has {rows} embedding rows but the new tokenizer has {len(new_tokenizer)} "
+                         "tokens; call resize_for(model, new_tokenizer) first.")
+    vocab = new_tokenizer.get_vocab()
+    ids, bad = [], []
+    for t in new_tokens:
+        i = vocab.get(t.token)
+        if i is None or i < len(old_tokenizer):
+            bad.append(t.token)
+        ids.append(i)
+    if bad:
+        raise VocabError(f"{len(bad)} token(s) are not new tokens of the new tokenizer (missing, or an old id that "
+                         f"must not be overwritten): {bad[:10]}. Pass the tokens extend_tokenizer added.")
+    return ids
+
+
+def _mean(old: torch.Tensor, pieces: list[int]) -> torch.Tensor:
+    """mean_{s in pieces} E_s."""
+    return old[pieces].mean(0)
+
+
+def _merge_rows(old: torch.Tensor, old_tokenizer: Any, new_tokens: Sequence[NewToken]) -> tuple[torch.Tensor, list[str]]:
+    """e_t = (e_l + e_r) / 2 in merge order; a part that is neither an old token nor an earlier new one makes t
+    fall back to ``mean`` (the paper's "unresolved" tokens; never the case for learn_new_tokens' output)."""
+    old_vocab = {s: i for s, i in old_tokenizer.get_vocab().items() if i < old.shape[0]}
+    done: dict[str, torch.Tensor] = {}
+    fell_back = []
+    for t in new_tokens:
+        parts = []
+        for p in (t.left, t.right):
+            parts.append(old[old_vocab[p]] if p in old_vocab else done.get(p))
+        if any(p is None for p in parts) or t.token != t.left + t.right:
+            done[t.token] = _mean(old, subtoken_ids(old_tokenizer, t.token))
+            fell_back.append(t.token)
+        else:
+            done[t.token] = (parts[0] + parts[1]) / 2
+    return torch.stack([done[t.token] for t in new_tokens]), fell_back
+
+
+def _focus_rows(old: torch.Tensor, old_tokenizer: Any, new_tokens: Sequence[NewToken], ids: list[int],
+                plan: dict[int, tuple[np.ndarray, np.ndarray]] | None) -> tuple[torch.Tensor, list[str]]:
+    """e_t = sum_o c_o E_o from the OMP plan, or the ``mean`` row for tokens the plan lacks."""
+    rows, fell_back = [], []
+    for t, i in zip(new_tokens, ids):
+        if plan is not None and i in plan:
+            atoms, coef = plan[i]
+            rows.append(torch.from_numpy(coef) @ old[torch.from_numpy(atoms)])
+        else:
+            rows.append(_mean(old, subtoken_ids(old_tokenizer, t.token)))
+            fell_back.append(t.token)
+    return torch.stack(rows), fell_back
+
+
+def _focus_plan(new_tokenizer: Any, texts: list[str], new_ids: list[int], n_old: int
+                ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """For each new id with enough context: (old ids, OMP weights) fitted on the auxiliary vectors."""
+    aux, row_of = _aux_vectors(new_tokenizer, texts)
+    old_ids = np.array([v for v in row_of if v < n_old], dtype=np.int64)
+    if len(old_ids) == 0 or aux.shape[1] == 0:
+        return {}
+    dictionary = aux[[row_of[v] for v in old_ids]]
+    plan = {}
+    for i in new_ids:
+        if i in row_of:
+            support, coef = omp(dictionary, aux[row_of[i]], FOCUS_ATOMS)
+            plan[i] = (old_ids[support], coef)
+    return plan
+
+
+def _aux_vectors(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, dict[int, int]]:
+    """Static token vectors: PPMI of a symmetric +-FOCUS_WINDOW co-occurrence count (rows: tokens seen at least
+    FOCUS_MIN_COUNT times; columns: the FOCUS_CONTEXTS most frequent tokens), then U sqrt(S) of a truncated SVD.
+    PPMI_ij = max(0, log(C_ij C / (C_i. C_.j)))  (Levy & Goldberg, "Neural word embedding as implicit matrix
+    factorization", NeurIPS 2014). Returns the vectors and token id -> row."""
+    seqs = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    flat = np.concatenate([np.append(np.asarray(s, dtype=np.int64), -1) for s in seqs]) if seqs else np.zeros(0)
+    seg = np.cumsum(flat < 0)
+    ids, counts = np.unique(flat[flat >= 0], return_counts=True)
+    kept = ids[counts >= FOCUS_MIN_COUNT]
+    cols = ids[np.argsort(-counts, kind="stable")][:FOCUS_CONTEXTS]
+    if len(kept) < 2 or len(cols) < 2:
+        return np.zeros((len(kept), 0)), {int(v): r for r, v in enumerate(kept)}
+    size = int(flat.max()) + 1
+    row_index, col_index = np.full(size, -1), np.full(size, -1)
+    row_index[kept], col_index[cols] = np.arange(len(kept)), np.arange(len(cols))
+    cells = []
+    for off in range(1, FOCUS_WINDOW + 1):
+        a, b = flat[:-off], flat[off:]
+        ok = (a >= 0) & (b >= 0) & (seg[:-off] == seg[off:])
+        for x, y in ((a[ok], b[ok]), (b[ok], a[ok])):
+            r, c = row_index[x], col_index[y]
+            keep = (r >= 0) & (c >= 0)
+            cells.append(r[keep] * len(cols) + c[keep])
+    cell, n = np.unique(np.concatenate(cells), return_counts=True)  # the nonzero C_ij, as a sparse list
+    r, c = np.divmod(cell, len(cols))
+    row_sum = np.bincount(r, weights=n, minlength=len(kept))
+    col_sum = np.bincount(c, weights=n, minlength=len(cols))
+    pmi = np.log(n * n.sum() / (row_sum[r] * col_sum[c]))
+    ppmi = torch.zeros(len(kept) * len(cols), dtype=torch.float32)
+    ppmi[torch.from_numpy(cell)] = torch.from_numpy(np.maximum(pmi, 0.0).astype(np.float32))
+    ppmi = ppmi.reshape(len(kept), len(cols))
+    u, s, _ = torch.linalg.svd(ppmi, full_matrices=False) if ppmi.numel() <= 4_000_000 else _lowrank(ppmi)
+    k = min(FOCUS_DIM, len(s))
+    return (u[:, :k] * s[:k].sqrt()).double().numpy(), {int(v): r for r, v in enumerate(kept)}
+
+
+def _lowrank(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A seeded randomised truncated SVD (Halko et al. 2011) of a large PPMI matrix."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return torch.svd_lowrank(m, q=min(FOCUS_DIM + 8, *m.shape), niter=4)
+
+
+def omp(dictionary: np.ndarray, target: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Orthogonal matching pursuit (Pati et al. 1993): up to ``k`` rows of ``dictionary`` ([M, d]) chosen greedily
+    by |cos(row, residual)|, with least-squares weights c = argmin ||target - c @ dictionary[support]||. Stops early
+    once the residual is ~0. Returns (support row indices, weights)."""
+    norms = np.linalg.norm(dictionary, axis=1)
+    unit = dictionary / np.where(norms > 0, norms, 1.0)[:, None]
+    support: list[int] = []
+    coef = np.zeros(0)
+    residual = target.astype(np.float64)
+    scale = max(float(np.linalg.norm(target)), 1e-12)
+    for _ in range(min(k, len(dictionary))):
+        score = np.abs(unit @ residual)
+        score[support] = -1.0
+        support.append(int(np.argmax(score)))
+        atoms = dictionary[support]
+        coef = np.linalg.lstsq(atoms.T, target, rcond=None)[0]
+        residual = target - coef @ atoms
+        if np.linalg.norm(residual) <= 1e-9 * scale:
+            break
+    return np.asarray(support, dtype=np.int64), coef
