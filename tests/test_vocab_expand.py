@@ -28,8 +28,8 @@ from lmadapt.vocab.expand import NewToken, extend_tokenizer, learn_new_tokens
 from lmadapt.vocab.init import (
     INIT_METHODS,
     init_new_rows,
-    omp,
     resize_for,
+    sparsemax,
     subtoken_ids,
 )
 
@@ -432,12 +432,33 @@ def test_focus_puts_a_token_used_like_an_old_one_on_that_old_row(pair):
     assert 0 < len(report.fell_back) < len(new_tokens)
 
 
-def test_omp_recovers_a_sparse_combination():
+def test_sparsemax_is_the_projection_onto_the_simplex():
+    p = sparsemax(np.array([1.0, 0.9, 0.1]))
+    np.testing.assert_allclose(p, [0.55, 0.45, 0.0], atol=1e-12)  # tau = (1.9 - 1) / 2 by hand
+    p = sparsemax(np.array([10.0, 9.0, 1.0]))
+    np.testing.assert_allclose(p, [1.0, 0.0, 0.0])
     rng = np.random.default_rng(0)
-    dictionary = rng.normal(size=(50, 16))
-    support, coef = omp(dictionary, 0.7 * dictionary[3] - 0.2 * dictionary[10], 8)
-    assert sorted(support.tolist()) == [3, 10]
-    np.testing.assert_allclose(coef[np.argsort(support)], [0.7, -0.2], atol=1e-10)
+    for _ in range(20):
+        z = rng.normal(size=30)
+        p = sparsemax(z)
+        assert abs(p.sum() - 1) < 1e-12 and (p >= 0).all()
+        # the projection is closer to z than any other point of the simplex sampled at random
+        q = rng.dirichlet(np.ones(30), size=200)
+        assert ((q - z) ** 2).sum(1).min() >= ((p - z) ** 2).sum() - 1e-12
+
+
+def test_focus_rows_are_convex_combinations_of_old_rows(pair):
+    old, new, new_tokens = pair
+    texts = [f"The {a} und {b} sat on the {c}." for a in ("cat", "dog", "fox") for b in ("sun", "room")
+             for c in ("mat", "garden", "market")]
+    model, (inp0, _) = _resized(old, new, False)
+    report = init_new_rows(model, old, new, new_tokens, "focus", texts=texts)
+    emb = model.get_input_embeddings().weight.detach()
+    fell = set(report.fell_back)
+    top = inp0.norm(dim=1).max()
+    for t in new_tokens:
+        if t.token not in fell:  # inside the hull: no longer than the longest old row
+            assert emb[new.convert_tokens_to_ids(t.token)].norm() <= top + 1e-5
 
 
 def test_init_errors_say_what_to_do(pair):

@@ -9,12 +9,13 @@ matrix (input embeddings, or the output layer when untied; each is initialised f
 - ``mean``:     e_t = mean_{s in S(t)} E_s, S(t) the old tokenizer's pieces of t's string.
 - ``merge``:    e_t = (e_l + e_r) / 2 along t's merge ``l + r``, parts resolved recursively (old tokens: E_s),
                 so a piece k merges deep weighs 2^-k.
-- ``focus``:    FOCUS (Dobler & de Melo, arXiv:2305.14481) with orthogonal matching pursuit in place of sparsemax,
-                as in training-free tokenizer transplantation (Goddard & Neto, arXiv:2506.06607). Static auxiliary
-                vectors a_v come from ``texts`` encoded with the NEW tokenizer (PPMI over a +-2 token window,
-                truncated SVD); OMP picks k = 8 old tokens O(t) and least-squares weights
-                c = argmin ||a_t - sum_{o in O(t)} c_o a_o||, and e_t = sum_o c_o E_o. Tokens seen fewer than
-                3 times fall back to ``mean``.
+- ``focus``:    FOCUS (Dobler & de Melo, arXiv:2305.14481) with its auxiliary space made here instead of fastText:
+                static vectors a_v from ``texts`` encoded with the NEW tokenizer (PPMI over a +-2 token window,
+                truncated SVD). Over the old tokens O seen in ``texts``, w = sparsemax(cos(a_t, a_o) / T)
+                (T = 0.1, our choice) and e_t = sum_o w_o E_o: a convex combination of the old tokens used most
+                like t, so the row stays inside the old rows' hull (unconstrained least-squares weights, as in
+                OMP-based transplantation, gave rows of huge norm and a per-word perplexity of 1e23 on SmolLM2).
+                Tokens seen fewer than 3 times fall back to ``mean``.
 
 Rows past ``len(new_tokenizer)`` (padding to a multiple of 8) are zero; old rows are never written.
 """
@@ -34,7 +35,7 @@ from lmadapt.vocab.expand import NewToken
 INIT_METHODS = ("random", "mean_all", "mean", "merge", "focus")
 """The initialisations :func:`init_new_rows` implements, by name."""
 
-FOCUS_WINDOW, FOCUS_DIM, FOCUS_CONTEXTS, FOCUS_ATOMS, FOCUS_MIN_COUNT = 2, 64, 2048, 8, 3
+FOCUS_WINDOW, FOCUS_DIM, FOCUS_CONTEXTS, FOCUS_MIN_COUNT, FOCUS_TEMPERATURE = 2, 64, 2048, 3, 0.1
 """FOCUS/OMP settings: co-occurrence window, SVD dimension, context columns kept (most frequent tokens), OMP atoms
 per token, and the fewest occurrences a token needs in ``texts`` to get an auxiliary vector."""
 
@@ -182,17 +183,19 @@ def _focus_rows(old: torch.Tensor, old_tokenizer: Any, new_tokens: Sequence[NewT
 
 def _focus_plan(new_tokenizer: Any, texts: list[str], new_ids: list[int], n_old: int
                 ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """For each new id with enough context: (old ids, OMP weights) fitted on the auxiliary vectors."""
+    """For each new id with enough context: (old ids, sparsemax weights) from auxiliary-space cosines."""
     aux, row_of = _aux_vectors(new_tokenizer, texts)
     old_ids = np.array([v for v in row_of if v < n_old], dtype=np.int64)
     if len(old_ids) == 0 or aux.shape[1] == 0:
         return {}
-    dictionary = aux[[row_of[v] for v in old_ids]]
+    unit = aux / np.maximum(np.linalg.norm(aux, axis=1, keepdims=True), 1e-12)
+    dictionary = unit[[row_of[v] for v in old_ids]]
     plan = {}
     for i in new_ids:
         if i in row_of:
-            support, coef = omp(dictionary, aux[row_of[i]], FOCUS_ATOMS)
-            plan[i] = (old_ids[support], coef)
+            weights = sparsemax(dictionary @ unit[row_of[i]] / FOCUS_TEMPERATURE)
+            support = np.flatnonzero(weights)
+            plan[i] = (old_ids[support], weights[support])
     return plan
 
 
@@ -240,23 +243,13 @@ def _lowrank(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
         return torch.svd_lowrank(m, q=min(FOCUS_DIM + 8, *m.shape), niter=4)
 
 
-def omp(dictionary: np.ndarray, target: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Orthogonal matching pursuit (Pati et al. 1993): up to ``k`` rows of ``dictionary`` ([M, d]) chosen greedily
-    by |cos(row, residual)|, with least-squares weights c = argmin ||target - c @ dictionary[support]||. Stops early
-    once the residual is ~0. Returns (support row indices, weights)."""
-    norms = np.linalg.norm(dictionary, axis=1)
-    unit = dictionary / np.where(norms > 0, norms, 1.0)[:, None]
-    support: list[int] = []
-    coef = np.zeros(0)
-    residual = target.astype(np.float64)
-    scale = max(float(np.linalg.norm(target)), 1e-12)
-    for _ in range(min(k, len(dictionary))):
-        score = np.abs(unit @ residual)
-        score[support] = -1.0
-        support.append(int(np.argmax(score)))
-        atoms = dictionary[support]
-        coef = np.linalg.lstsq(atoms.T, target, rcond=None)[0]
-        residual = target - coef @ atoms
-        if np.linalg.norm(residual) <= 1e-9 * scale:
-            break
-    return np.asarray(support, dtype=np.int64), coef
+def sparsemax(z: np.ndarray) -> np.ndarray:
+    """Sparsemax (Martins & Astudillo, arXiv:1602.02068): the Euclidean projection of ``z`` onto the probability
+    simplex, p_i = max(0, z_i - tau) with tau such that sum p = 1; most entries come out exactly zero."""
+    z = np.asarray(z, dtype=np.float64)
+    top = np.sort(z)[::-1]
+    cumulative = np.cumsum(top)
+    k = np.arange(1, len(z) + 1)
+    support = k[1 + k * top > cumulative][-1]
+    tau = (cumulative[support - 1] - 1) / support
+    return np.maximum(z - tau, 0.0)
