@@ -78,7 +78,8 @@ TRAINS = {
     "freeze": lambda n: n.startswith("model.layers.1.") or "norm" in n,
 }
 
-METHODS = available_methods()
+# a method that changes the vocabulary (new_tokens) widens the logits: tests/test_method_new_tokens.py checks it
+METHODS = [m for m in available_methods() if not method_class(m).changes_tokenizer]
 MERGEABLE = [m for m in METHODS if method_class(m).mergeable]
 # merge folds an adapter into the base weights (lora) vs. the trained tensors are the base weights (full, freeze)
 WEIGHT_METHODS = [m for m in METHODS if method_class(m).trains_base_weights]

@@ -14,6 +14,7 @@ from lmadapt.methods import (  # noqa: F401  (registration)
     lora,
     meteora,
     miss,
+    new_tokens,
     nola,
     olora,
     pissa,
