@@ -29,10 +29,11 @@ from lmadapt.cli import (
 from lmadapt.cli import diff as diff_command
 from lmadapt.cli import eval as eval_command
 from lmadapt.cli import port as port_command
+from lmadapt.cli import vocab as vocab_command
 from lmadapt.errors import LmadaptError
 
 _COMMANDS = (train, config_help, eval_command, generate, vas_train, make_helper, merge, diff_command, port_command,
-             compare_command, inspect, demo)
+             compare_command, inspect, demo, vocab_command)
 _CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
 
 
