@@ -136,6 +136,8 @@ class NewTokens(Method):
                 raise VocabError(f"this new_tokens adapter adds tokens after id {cfg.old_tokens - 1}, but the "
                                  f"tokenizer given has {len(tokenizer)} tokens; load it with the tokenizer its folder "
                                  "carries")
+            from lmadapt.vocab.init import resize_rows
+
             resize_rows(model, max(cfg.rows or 0, len(tokenizer)))
             self._set_span(tokenizer, cfg.old_tokens)
             return tokenizer
@@ -194,6 +196,8 @@ class NewTokens(Method):
         if len(_matrices(model)) == 2 and "output" not in rows:
             raise VocabError(f"method.vocab {folder} holds a tied model but this model's output layer is its own; "
                              "expand this model with `lmadapt vocab expand`")
+        from lmadapt.vocab.init import resize_rows
+
         resize_rows(model, tensor_index(folder)[embedding_names(folder)[0]].shape[0])
         with torch.no_grad():
             for w, key in zip(_matrices(model), ("input", "output")):
@@ -335,17 +339,3 @@ def _matrices(model: nn.Module) -> list[torch.nn.Parameter]:
     from lmadapt.vocab.init import embedding_matrices
 
     return embedding_matrices(model)
-
-
-def resize_rows(model: nn.Module, rows: int) -> None:
-    """Give the input and output matrices ``rows`` rows (never fewer than they have); added rows are zero."""
-    old = model.get_input_embeddings().weight.shape[0]
-    if rows <= old:
-        return
-    model.resize_token_embeddings(rows, mean_resizing=False)
-    with torch.no_grad():
-        for w in _matrices(model):
-            w[old:].zero_()
-        bias = getattr(model.get_output_embeddings(), "bias", None)
-        if bias is not None:
-            bias[old:].zero_()

@@ -63,21 +63,27 @@ def embedding_matrices(model: Any) -> list[torch.nn.Parameter]:
     return [inp] if out is None or out is inp else [inp, out]
 
 
+def resize_rows(model: Any, rows: int) -> None:
+    """Give the input and output matrices ``rows`` rows (never fewer than they have): old rows kept bit for bit,
+    added rows (and output-bias entries) zero; ``config.vocab_size`` follows (``resize_token_embeddings`` sets it)."""
+    old = model.get_input_embeddings().weight.shape[0]
+    if rows <= old:
+        return
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    with torch.no_grad():
+        for w in embedding_matrices(model):
+            w[old:].zero_()
+        bias = getattr(model.get_output_embeddings(), "bias", None)
+        if bias is not None:
+            bias[old:].zero_()
+
+
 def resize_for(model: Any, tokenizer: Any, *, pad_to_multiple_of: int | None = 8) -> int:
-    """Give ``model`` at least ``len(tokenizer)`` rows (rounded up to ``pad_to_multiple_of``) in its input and
-    output matrices; old rows are kept bit for bit, added rows are zero, a model never shrinks. Returns the old
-    row count. ``config.vocab_size`` follows (transformers' ``resize_token_embeddings`` sets it)."""
+    """Give ``model`` at least ``len(tokenizer)`` rows (rounded up to ``pad_to_multiple_of``) with
+    :func:`resize_rows`; a model never shrinks. Returns the old row count."""
     old = model.get_input_embeddings().weight.shape[0]
     m = pad_to_multiple_of or 1
-    target = max(old, -(-len(tokenizer) // m) * m)
-    if target != old:
-        model.resize_token_embeddings(target, mean_resizing=False)
-        with torch.no_grad():
-            for w in embedding_matrices(model):
-                w[old:].zero_()
-            bias = getattr(model.get_output_embeddings(), "bias", None)
-            if bias is not None:
-                bias[old:].zero_()
+    resize_rows(model, max(old, -(-len(tokenizer) // m) * m))
     return old
 
 
