@@ -7,6 +7,14 @@ from collections.abc import Callable
 from typing import Any
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """``--model``, ``--adapter``, ``--dtype`` and ``--force``: which model to load, as for :func:`lmadapt.api.load`."""
     p.add_argument("--model", default=None,

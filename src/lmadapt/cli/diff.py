@@ -6,18 +6,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from lmadapt.cli.common import positive_int
+
 
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
@@ -29,7 +24,7 @@ def add_parser(sub: Any) -> None:
     ex.add_argument("base", help="the base model (folder or built-in name)")
     ex.add_argument("tuned", help="the fine-tuned model (folder)")
     ex.add_argument("--output", required=True, help="folder for the diff")
-    ex.add_argument("--rank", type=_positive, default=None, help="store each 2-D Delta as a rank-R SVD factor pair")
+    ex.add_argument("--rank", type=positive_int, default=None, help="store each 2-D Delta as a rank-R SVD factor pair")
     ex.add_argument("--energy", type=_fraction, default=None,
                     help="low rank as --rank, at the smallest rank keeping this share of squared singular values")
     ex.add_argument("--top-k", type=_fraction, default=None, metavar="FRACTION",

@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import Any
 
-from lmadapt.cli.common import add_model_args
+from lmadapt.cli.common import add_model_args, positive_int
 
 FLAGS = {"combine": "--combine", "weights": "--weights", "density": "--density", "drop_rate": "--drop-rate"}
 _MERGE_ONLY = {"weights": "--weights", "density": "--density", "drop_rate": "--drop-rate", "seed": "--seed",
@@ -21,13 +21,6 @@ def _weights(text: str) -> list[float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"a comma-separated list of numbers, one per input (e.g. 1,0.5); got "
                                          f"{text!r}") from None
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_parser(sub: Any) -> None:
@@ -49,7 +42,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=None, help="dare, dare_ties: seed of the drops (default 0)")
     p.add_argument("--scale", type=float, default=None, help="lambda: the merged update is multiplied by it "
                    "(default 1)")
-    p.add_argument("--rank", type=_positive, default=None, help="rank of the merged adapter (--to adapter; "
+    p.add_argument("--rank", type=positive_int, default=None, help="rank of the merged adapter (--to adapter; "
                    "default: the sum of the inputs' ranks)")
     p.add_argument("--to", choices=["model", "adapter"], default=None,
                    help="write a plain model (default) or, merging adapters, a LoRA adapter")

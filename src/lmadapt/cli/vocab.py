@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lmadapt.cli.common import positive_int
 from lmadapt.errors import LmadaptError
 
 TRIM_REPORT, LEP_REPORT = "vocab_trim.json", "vocab_propagate.json"
@@ -33,13 +34,6 @@ def _vocab_error(message: str) -> LmadaptError:
     from lmadapt.vocab.bpe import VocabError as _VocabError
 
     return _VocabError(message)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _fraction(text: str) -> float:
@@ -57,21 +51,21 @@ def add_parser(sub: Any) -> None:
     ex = actions.add_parser("expand", help="learn N new tokens from a corpus and write the resized model")
     ex.add_argument("--model", default="smollm2-135m-instruct", help="built-in name or model folder")
     _corpus_args(ex)
-    ex.add_argument("--n", type=_positive, required=True, help="how many new tokens")
+    ex.add_argument("--n", type=positive_int, required=True, help="how many new tokens")
     ex.add_argument("--init", choices=INIT_METHODS, default="merge", help="how the new rows start (default merge)")
     ex.add_argument("--seed", type=int, default=0, help="seed of --init random (default 0)")
-    ex.add_argument("--min-frequency", type=_positive, default=2,
+    ex.add_argument("--min-frequency", type=positive_int, default=2,
                     help="fewest occurrences of a pair for it to become a token (default 2)")
-    ex.add_argument("--pad-to-multiple-of", type=_positive, default=8, help="round the rows up (default 8)")
+    ex.add_argument("--pad-to-multiple-of", type=positive_int, default=8, help="round the rows up (default 8)")
     tr = actions.add_parser("trim", help="keep only the tokens a corpus uses and write the smaller model")
     tr.add_argument("--model", default="smollm2-135m-instruct", help="built-in name or model folder")
     _corpus_args(tr)
-    tr.add_argument("--min-count", type=_positive, default=1, help="fewest uses for a token to stay (default 1)")
+    tr.add_argument("--min-count", type=positive_int, default=1, help="fewest uses for a token to stay (default 1)")
     tr.add_argument("--keep-token", action="append", default=[], metavar="TOKEN",
                     help="also keep this token (as the vocabulary spells it, e.g. 'Ġthe'); repeat it")
     tr.add_argument("--check-fraction", type=_fraction, default=0.1,
                     help="hold out this share of the texts (seed 0) and check they encode the same (default 0.1)")
-    tr.add_argument("--pad-to-multiple-of", type=_positive, default=None, help="round the rows up (default: no)")
+    tr.add_argument("--pad-to-multiple-of", type=positive_int, default=None, help="round the rows up (default: no)")
     lep = actions.add_parser("propagate", help="give an instruct model the vocabulary a donor learned (LEP)")
     lep.add_argument("--base", required=True, help="the base model (old tokenizer)")
     lep.add_argument("--instruct", required=True, help="its instruct variant (old tokenizer)")
