@@ -1,6 +1,6 @@
 """Peak memory of ``lmadapt diff extract`` and ``lmadapt diff apply`` on a model larger than 1 GB.
 
-Both work tensor by tensor from safetensors shards (lmadapt.updates.shards), so their peak resident memory
+Both work tensor by tensor from safetensors shards (lmadapt.models.shards), so their peak resident memory
 should stay near one model (at most one output shard plus a few tensors), not two or three models.
 
     python benchmarks/diff_memory.py                    # a random 1.1 GB fp32 Llama, in a temporary folder
@@ -38,13 +38,13 @@ def build_models(root: Path, layers: int, hidden: int = 1024, vocab: int = 32000
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lmadapt.testing import tiny_tokenizer
-    from lmadapt.updates.shards import (
+    from lmadapt.models.shards import (
         ShardWriter,
         copy_model_files,
         read_tensor,
         tensor_index,
     )
+    from lmadapt.testing import tiny_tokenizer
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 11 // 4,

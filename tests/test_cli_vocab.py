@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from lmadapt.cli import main
 from lmadapt.cli import vocab as cli_vocab
-from lmadapt.testing import CHATML_TEMPLATE, tiny_llama
+from lmadapt.testing import SPECIAL_TOKENS, tiny_bpe_tokenizer, tiny_llama
 from lmadapt.vocab.corpus import read_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,7 +37,6 @@ GERMAN = [
     "Der Zug ist wieder zu spät, und die Fahrgäste sind nicht zufrieden.",
     "Die Gesellschaft trägt eine große Verantwortung für die Kinder.",
 ] * 3
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 
 def _sentences(words: list[str], n: int, seed: int) -> list[str]:
@@ -50,16 +48,7 @@ EN_TEXT = _sentences(EN, 120, 0)
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(EN_TEXT + _sentences(RU, 120, 1), trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<pad>", unk_token="<|endoftext|>")
-    tok.chat_template = CHATML_TEMPLATE
-    return tok
+    return tiny_bpe_tokenizer(EN_TEXT + _sentences(RU, 120, 1), vocab_size=600)
 
 
 def _save(folder: Path, tok: PreTrainedTokenizerFast, seed: int) -> Path:
@@ -207,7 +196,7 @@ def test_propagate_writes_the_instruct_model_with_the_donors_tokenizer(base, exp
     instruct_tok.chat_template = "{{ messages[0]['content'] }}<|im_end|>"
     instruct = _save(tmp_path / "instruct", instruct_tok, seed=1)
     donor, donor_tok = _load(expanded)
-    special = [donor_tok.convert_tokens_to_ids(s) for s in SPECIAL]
+    special = [donor_tok.convert_tokens_to_ids(s) for s in SPECIAL_TOKENS]
     rest = [i for i in range(len(donor_tok)) if i not in special]
     for mode, inst_dir in (("straight", instruct), ("conversion", instruct), ("conversion", base)):
         out = tmp_path / f"{mode}-{inst_dir.name}"
@@ -217,7 +206,7 @@ def test_propagate_writes_the_instruct_model_with_the_donors_tokenizer(base, exp
         inst, inst_tok = _load(inst_dir)
         assert tok.get_vocab() == donor_tok.get_vocab() and tok.chat_template == inst_tok.chat_template
         report = json.loads((out / "vocab_propagate.json").read_text())
-        assert report["mode"] == mode and report["special_rows_copied"] == len(SPECIAL)
+        assert report["mode"] == mode and report["special_rows_copied"] == len(SPECIAL_TOKENS)
         for get in ("get_input_embeddings", "get_output_embeddings"):
             w, w_donor = getattr(model, get)().weight, getattr(donor, get)().weight
             assert w.shape == w_donor.shape

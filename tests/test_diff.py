@@ -15,14 +15,14 @@ from safetensors.torch import save_file
 
 from lmadapt.errors import ModelError
 from lmadapt.fsutil import atomic_dir
-from lmadapt.testing import tiny_llama, tiny_tokenizer
-from lmadapt.updates.shards import (
+from lmadapt.models.shards import (
     INDEX_FILE,
     ShardWriter,
     copy_model_files,
     read_tensor,
     tensor_index,
 )
+from lmadapt.testing import tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,7 +106,7 @@ def test_bad_folders_are_named(tmp_path: Path) -> None:
 
 def test_folder_fingerprint_equals_the_loaded_models(tmp_path: Path) -> None:
     from lmadapt.models.fingerprint import fingerprint
-    from lmadapt.updates.shards import FolderTensors
+    from lmadapt.models.shards import FolderTensors
 
     for tied in (False, True):
         model = tiny_llama(seed=4, tie_word_embeddings=tied)

@@ -26,6 +26,7 @@ from lmadapt.methods import build_method
 from lmadapt.methods.dora import DoraLinear
 from lmadapt.methods.lora import PEFT_PREFIX
 from lmadapt.models.fingerprint import fingerprint
+from lmadapt.models.shards import read_tensor, tensor_index
 from lmadapt.models.tree import modules_of_type
 from lmadapt.testing import tiny_llama, tiny_tokenizer
 from lmadapt.updates.merge_adapters import svd_factors
@@ -44,7 +45,6 @@ from lmadapt.updates.merging import (
     ties,
     trim,
 )
-from lmadapt.updates.shards import read_tensor, tensor_index
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

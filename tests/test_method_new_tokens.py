@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_resume import ctrl_c_at, same_weights
-from test_vocab_expand import ENGLISH, GERMAN, byte_level_bpe
+from test_vocab_expand import ENGLISH, GERMAN
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lmadapt
@@ -27,7 +27,7 @@ from lmadapt.methods.lora_layer import LoraLinear
 from lmadapt.methods.new_tokens_layer import TokenRowsEmbedding, TokenRowsHead
 from lmadapt.models.tree import adapters_disabled
 from lmadapt.recipes.finetune import train
-from lmadapt.testing import tiny_llama
+from lmadapt.testing import tiny_bpe_tokenizer, tiny_llama
 from lmadapt.training.config import TrainConfig
 from lmadapt.training.optim import build_optimizer
 from lmadapt.vocab.bpe import VocabError
@@ -42,7 +42,7 @@ EXACT = 1e-6  # fp32 logits of the same weights through a differently shaped mat
 
 @pytest.fixture(scope="module")
 def tok():
-    return byte_level_bpe()
+    return tiny_bpe_tokenizer(ENGLISH, vocab_size=420)
 
 
 @pytest.fixture(scope="module")

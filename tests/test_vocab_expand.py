@@ -1,7 +1,7 @@
 """Vocabulary expansion (METHODS.md 17a): learning new BPE tokens, extending the tokenizer, initialising new rows.
 
-Tokenizers are trained here with the ``tokenizers`` library on a few sentences: a byte-level BPE (GPT-2/SmolLM2
-style) and a SentencePiece-style BPE with byte fallback and no pre-splitting (Llama-2 style).
+Tokenizers are trained here on a few sentences (:func:`lmadapt.testing.tiny_bpe_tokenizer`): a byte-level BPE
+(GPT-2/SmolLM2 style) and a SentencePiece-style BPE with byte fallback and no pre-splitting (Llama-2 style).
 """
 
 from __future__ import annotations
@@ -12,17 +12,10 @@ from itertools import pairwise
 import numpy as np
 import pytest
 import torch
-from tokenizers import (
-    Tokenizer,
-    decoders,
-    models,
-    normalizers,
-    pre_tokenizers,
-    trainers,
-)
+from tokenizers import Tokenizer, models
 from transformers import AutoTokenizer, CanineTokenizer, PreTrainedTokenizerFast
 
-from lmadapt.testing import CHATML_TEMPLATE, tiny_llama
+from lmadapt.testing import tiny_bpe_tokenizer, tiny_llama
 from lmadapt.vocab.bpe import SUPPORTED, BPEModel, VocabError
 from lmadapt.vocab.expand import NewToken, extend_tokenizer, learn_new_tokens
 from lmadapt.vocab.init import (
@@ -64,39 +57,16 @@ GERMAN = [
     "Viele Menschen denken, dass eine Sprache zu lernen Jahre dauert.",
 ] * 4
 HELD_OUT_GERMAN = ["Die Kinder und der Hund spielen in der Sonne, weil die Zukunft schön ist."]
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 
-def byte_level_bpe(vocab_size: int = 420) -> PreTrainedTokenizerFast:
+def byte_level_bpe() -> PreTrainedTokenizerFast:
     """A GPT-2-style byte-level BPE trained on ENGLISH, with ChatML special tokens and template."""
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(ENGLISH, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<pad>", unk_token="<|endoftext|>")
-    tok.chat_template = CHATML_TEMPLATE
-    return tok
+    return tiny_bpe_tokenizer(ENGLISH, vocab_size=420)
 
 
-def sentencepiece_bpe(vocab_size: int = 420) -> PreTrainedTokenizerFast:
+def sentencepiece_bpe() -> PreTrainedTokenizerFast:
     """A Llama-2-style BPE: '▁' for spaces, no pre-splitting, <0x..> byte fallback (umlauts are unknown)."""
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.Metaspace()  # SentencePiece trains within words
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 259, show_progress=False)
-    core.train_from_iterator(ENGLISH, trainer)
-    trained = core.get_vocab()
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
-    vocab.update({t: 259 + i for i, t in enumerate(sorted(trained, key=trained.get))})
-    merges = [tuple(m) for m in __import__("json").loads(core.to_str())["model"]["merges"]]
-    core = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
-    core.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    core.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                      decoders.Strip(" ", 1, 0)])
-    core.add_special_tokens(["<unk>", "<s>", "</s>"])
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return tiny_bpe_tokenizer(ENGLISH, style="metaspace", vocab_size=420, split_words=False, chat_template=False)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from lmadapt.testing import tiny_llama
+from lmadapt.testing import tiny_bpe_tokenizer, tiny_llama
 from lmadapt.vocab.bpe import VocabError
 from lmadapt.vocab.lep import (
     averaging_matrix,
@@ -32,16 +32,18 @@ NEW_SPECIAL = ["<|endoftext|>", "<pad>", "<|im_start|>", "<|im_end|>"]  # <pad> 
 D = 64  # tiny_llama hidden size
 
 
-def _train(corpus, vocab_size, specials, byte_level=True):
+def _byte_level(corpus, vocab_size, specials):
+    """A byte-level BPE whose special tokens play no bos/eos/pad role: LEP finds them as added tokens alone."""
+    return tiny_bpe_tokenizer(corpus * 20, vocab_size=vocab_size, special_tokens=specials, roles=False,
+                              chat_template=False)
+
+
+def _characters_only(corpus, vocab_size, specials):
+    """A BPE over whitespace-split words with no byte alphabet and no unk token: a character it never saw cannot
+    be spelled at all. Kept here, not in lmadapt.testing: only the empty-encoding test wants so broken a tokenizer."""
     tok = Tokenizer(models.BPE())
-    if byte_level:
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        alphabet = pre_tokenizers.ByteLevel.alphabet()
-    else:
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        alphabet = []
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=[],
                                   show_progress=False)
     tok.train_from_iterator(corpus * 20, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok)
@@ -50,7 +52,7 @@ def _train(corpus, vocab_size, specials, byte_level=True):
 @pytest.fixture(scope="module")
 def toks():
     """An English byte-level BPE ("old") and one trained on English + Russian with more merges ("new")."""
-    return _train(EN, 300, OLD_SPECIAL), _train(EN + RU, 420, NEW_SPECIAL)
+    return _byte_level(EN, 300, OLD_SPECIAL), _byte_level(EN + RU, 420, NEW_SPECIAL)
 
 
 def _models(old, new, *, tied=False, perturb=True, seed=0):
@@ -136,8 +138,8 @@ def test_sum_mode_and_special_tokens(toks):
 
 
 def test_empty_old_encoding_gives_zero_rows_and_is_counted():
-    old = _train(EN, 80, ["<s>"], byte_level=False)  # characters only, no unk: Cyrillic cannot be spelled
-    new = _train(EN + RU, 200, ["<s>"], byte_level=False)
+    old = _characters_only(EN, 80, ["<s>"])  # Cyrillic cannot be spelled
+    new = _characters_only(EN + RU, 200, ["<s>"])
     alphabet = {t for t in old.get_vocab() if len(t) == 1}
     expected = sorted(i for t, i in new.get_vocab().items() if not any(ch in alphabet for ch in t))
     _, empty = averaging_matrix(old, new)

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import random
 from collections import Counter
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from lmadapt.testing import CHATML_TEMPLATE, tiny_llama
+from lmadapt.testing import tiny_bpe_tokenizer, tiny_llama
 from lmadapt.vocab.bpe import BPEModel, VocabError
 from lmadapt.vocab.trim import plan_trim, trim, trim_model, trim_tokenizer
 
@@ -30,7 +29,7 @@ EN = _words("the a quick brown fox jumps over lazy dog while people walk through
             "morning evening happy small large old new city house street teacher student learns writes reads")
 RU = _words("и в не на я быть он с что а по это она этот к но они мы как из у который то за свой весь год от так о "
             "для ты же все тот мочь вы человек такой его сказать только или ещё бы себя один как уже")
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+SP_SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
 def _sentences(words: list[str], n: int, seed: int) -> list[str]:
@@ -42,40 +41,16 @@ EN_TRAIN, EN_HELD = _sentences(EN, 160, 0), _sentences(EN, 60, 1)
 RU_TRAIN, RU_HELD = _sentences(RU, 160, 2), _sentences(RU, 10, 3)
 
 
-def _wrap(core: Tokenizer, **special: str) -> PreTrainedTokenizerFast:
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, **special)
-    tok.chat_template = CHATML_TEMPLATE
-    return tok
-
-
 def _byte_level() -> PreTrainedTokenizerFast:
-    """A GPT-2/SmolLM2-style byte-level BPE trained on English + Russian."""
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    core.train_from_iterator(EN_TRAIN + RU_TRAIN, trainer)
-    return _wrap(core, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<pad>",
-                 unk_token="<|endoftext|>", additional_special_tokens=SPECIAL)
+    """A GPT-2/SmolLM2-style byte-level BPE trained on English + Russian; its four special tokens are also listed
+    as extra special tokens."""
+    return tiny_bpe_tokenizer(EN_TRAIN + RU_TRAIN, vocab_size=700, extra_special_tokens=True)
 
 
 def _sentencepiece_style() -> PreTrainedTokenizerFast:
     """A Llama-2/Gemma-style BPE: '▁' for spaces, <0xNN> byte fallback, Replace/ByteFallback/Fuse/Strip decoder."""
-    core = Tokenizer(models.BPE(unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-                                  show_progress=False)
-    core.train_from_iterator(EN_TRAIN + RU_TRAIN, trainer)
-    data = json.loads(core.to_str())
-    vocab = {t: i if i < 4 else i + 256 for t, i in data["model"]["vocab"].items()}
-    vocab.update({f"<0x{b:02X}>": 4 + b for b in range(256)})
-    data["model"].update(vocab=vocab, byte_fallback=True, fuse_unk=True)
-    data["decoder"] = json.loads(decoders.Sequence([
-        decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
-    ]).__getstate__())
-    return _wrap(Tokenizer.from_str(json.dumps(data)), bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                 unk_token="<unk>")
+    return tiny_bpe_tokenizer(EN_TRAIN + RU_TRAIN, style="metaspace", vocab_size=500 + 256,
+                              special_tokens=SP_SPECIAL)
 
 
 @pytest.fixture(scope="module", params=["byte_level", "sentencepiece"])

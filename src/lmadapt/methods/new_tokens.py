@@ -178,7 +178,7 @@ class NewTokens(Method):
         return new
 
     def _from_folder(self, model: nn.Module, tokenizer: Any) -> Any:
-        from lmadapt.updates.shards import embedding_names, tensor_index
+        from lmadapt.models.shards import embedding_names, tensor_index
         from lmadapt.vocab.expansion import expansion_rows, read_expansion, same_base
 
         folder = self.config.vocab

@@ -24,7 +24,7 @@ def fingerprint(model: torch.nn.Module | Mapping[str, torch.Tensor], *,
     it is not a checksum: a change to values outside the sample, or below bf16 precision, is not seen.
     ``model`` is a module (its ``named_parameters()``, tied weights counted once) or a name -> tensor
     mapping, read one value at a time in name order (so a mapping that reads each tensor from disk when asked,
-    :class:`lmadapt.updates.shards.FolderTensors`, holds one at a time); ``exclude(name)`` drops e.g. adapter
+    :class:`lmadapt.models.shards.FolderTensors`, holds one at a time); ``exclude(name)`` drops e.g. adapter
     parameters. fp16 copies do not match (fp16 rounds differently).
     """
     tensors = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else model

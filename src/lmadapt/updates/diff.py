@@ -14,7 +14,7 @@ is also a good start for fine-tuning the new base, "recycling-then-finetuning").
   transformers folder, computed in fp32 and cast to the new base's dtype; rows of the embedding and output
   matrices are matched by token, and rows only the new model has stay as they are.
 
-Both read and write one tensor at a time (:mod:`lmadapt.updates.shards`), so the memory they need is about
+Both read and write one tensor at a time (:mod:`lmadapt.models.shards`), so the memory they need is about
 one shard of output plus a few tensors, never two models. Names or shapes that differ are refused, listed by
 name, unless ``allow_mismatch`` (then they are skipped and listed in the output's record). See docs/diff.md.
 """
@@ -35,9 +35,7 @@ from lmadapt.fsutil import atomic_dir, atomic_write_json
 from lmadapt.jsonfile import JsonFileError, read_json_object
 from lmadapt.models.fingerprint import fingerprint
 from lmadapt.models.loading import model_display_name
-from lmadapt.progress import track
-from lmadapt.updates.diff_plan import TOKENIZER_DIR, pair_problems, plan_apply
-from lmadapt.updates.shards import (
+from lmadapt.models.shards import (
     DEFAULT_SHARD_BYTES,
     TOKENIZER_FILES,
     FolderTensors,
@@ -48,6 +46,8 @@ from lmadapt.updates.shards import (
     read_tensor,
     tensor_index,
 )
+from lmadapt.progress import track
+from lmadapt.updates.diff_plan import TOKENIZER_DIR, pair_problems, plan_apply
 
 DIFF_JSON = "diff.json"  # the diff folder's metadata
 APPLY_JSON = "lmadapt_diff.json"  # the provenance apply_diff writes beside the model

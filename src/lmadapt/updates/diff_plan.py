@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lmadapt.updates.shards import TensorInfo, embedding_names, model_folder
+from lmadapt.models.shards import TensorInfo, embedding_names, model_folder
 
 TOKENIZER_DIR = "tokenizer"  # the tuned model's tokenizer inside a diff folder
 STORED = ("dense", "lowrank", "topk")  # encodings that carry a Delta

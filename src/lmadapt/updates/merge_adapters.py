@@ -34,9 +34,7 @@ from lmadapt.fsutil import atomic_dir
 from lmadapt.methods import build_method, method_class
 from lmadapt.methods.dora import MAGNITUDE_KEY
 from lmadapt.methods.lora import PEFT_PREFIX
-from lmadapt.progress import track
-from lmadapt.updates.diff import low_rank, when
-from lmadapt.updates.shards import (
+from lmadapt.models.shards import (
     DEFAULT_SHARD_BYTES,
     FolderTensors,
     ShardWriter,
@@ -45,6 +43,8 @@ from lmadapt.updates.shards import (
     read_tensor,
     tensor_index,
 )
+from lmadapt.progress import track
+from lmadapt.updates.diff import low_rank, when
 
 LORA_FAMILY = ("lora", "dora", "allora")  # methods whose update of a module is s B A (DoRA: with m)
 RECORD_FILE = "lmadapt_merge.json"  # the provenance a merged model folder carries (as lmadapt.api.merge's)

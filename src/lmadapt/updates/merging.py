@@ -18,7 +18,7 @@ lambda tau``:
 
 :func:`merge_models` merges full models (``--tuned``) and :func:`merge_adapters` LoRA-family adapters
 (``--adapter``), into a model folder or (adapters) a LoRA adapter re-compressed by SVD. Both read one tensor
-per input at a time (:mod:`lmadapt.updates.shards`). See docs/merging.md.
+per input at a time (:mod:`lmadapt.models.shards`). See docs/merging.md.
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ import torch
 
 from lmadapt.errors import LmadaptError
 from lmadapt.fsutil import check_output_dir
+from lmadapt.models.shards import (
+    DEFAULT_SHARD_BYTES,
+    model_folder,
+    read_tensor,
+    tensor_index,
+)
 from lmadapt.progress import track
 from lmadapt.updates.diff_plan import pair_problems
 from lmadapt.updates.merge_adapters import (
@@ -47,12 +53,6 @@ from lmadapt.updates.merge_adapters import (
     write_lora_adapter,
     write_merged_model,
     write_model,
-)
-from lmadapt.updates.shards import (
-    DEFAULT_SHARD_BYTES,
-    model_folder,
-    read_tensor,
-    tensor_index,
 )
 
 Combine = Literal["linear", "task_arithmetic", "ties", "dare", "dare_ties"]

@@ -44,8 +44,8 @@ from lmadapt.methods import available_methods, method_class
 from lmadapt.methods.lora import PEFT_PREFIX
 from lmadapt.models.fingerprint import fingerprint
 from lmadapt.models.loading import model_display_name
+from lmadapt.models.shards import FolderTensors, TensorInfo, tensor_index
 from lmadapt.updates.diff import when
-from lmadapt.updates.shards import FolderTensors, TensorInfo, tensor_index
 
 FLAG = "--allow-other-base (allow_other_base=True)"
 

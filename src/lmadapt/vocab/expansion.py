@@ -194,7 +194,7 @@ def expansion_rows(folder: str | Path, record: ExpansionRecord, ids: Sequence[in
     """Rows ``ids`` of the folder's input embedding (``"input"``) and, when the folder's model is untied, of its
     output layer (``"output"``), plus ``"old_input"``, the input rows of the old tokens (to check a base
     against). Read tensor by tensor from the safetensors files."""
-    from lmadapt.updates.shards import embedding_names, read_tensor, tensor_index
+    from lmadapt.models.shards import embedding_names, read_tensor, tensor_index
 
     index = tensor_index(folder)
     inp, out = embedding_names(folder)
