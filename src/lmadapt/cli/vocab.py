@@ -25,7 +25,7 @@ from lmadapt.errors import LmadaptError
 TRIM_REPORT, LEP_REPORT = "vocab_trim.json", "vocab_propagate.json"
 # lmadapt.vocab.init.INIT_METHODS, lmadapt.vocab.lep.MODES and AVERAGING, written out so that building the parser
 # does not import tokenizers and transformers (1.7 s); tests/test_cli_vocab.py checks that they agree.
-INIT_METHODS = ("random", "mean_all", "mean", "merge", "focus")
+INIT_METHODS = ("random", "mean_all", "mean", "merge", "focus", "align")
 LEP_MODES, LEP_AVERAGING = ("conversion", "straight", "union"), ("mean", "sum")
 
 
@@ -168,7 +168,8 @@ def _expand(args: argparse.Namespace) -> int:
           f"{record.old_tokens + len(record.new_tokens) - 1} (first: {sample})")
     print(f"tokens per word on the corpus ({record.corpus['words']} words): {tpw['before']:.3f} -> "
           f"{tpw['after']:.3f} ({_change(tpw['before'], tpw['after'])})")
-    fell = f", {len(rep.get('fell_back', []))} fell back to mean" if rep.get("fell_back") else ""
+    fallback = "merge" if record.init == "align" else "mean"
+    fell = f", {len(rep.get('fell_back', []))} fell back to {fallback}" if rep.get("fell_back") else ""
     print(f"init {record.init}: {rep.get('rows')} row(s) in {rep.get('matrices')} matrix(es){fell}; embedding rows "
           f"{record.old_rows} -> {model.get_input_embeddings().weight.shape[0]}")
     print(f"model written to {out} (record: {RECORD_FILE})")

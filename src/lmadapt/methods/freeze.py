@@ -5,7 +5,6 @@ The adapter holds only the trained tensors, under the base model's keys.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -13,9 +12,7 @@ from torch import nn
 from lmadapt.config import option
 from lmadapt.methods._weights import WeightsMethod, trainable_named
 from lmadapt.methods.registry import register
-from lmadapt.models.tree import find_modules, freeze_all
-
-_BLOCK = re.compile(r"(.*\.)?(layers|h|blocks|block)\.(\d+)$")
+from lmadapt.models.tree import find_modules, freeze_all, transformer_blocks
 
 
 @dataclass
@@ -33,12 +30,6 @@ class FreezeConfig:
         return []
 
 
-def _blocks(model: nn.Module) -> list[str]:
-    """Dotted names of the transformer blocks, in order (children of the first ModuleList of blocks)."""
-    names = [n for n, _ in model.named_modules() if _BLOCK.fullmatch(n)]
-    return sorted(names, key=lambda n: int(n.rsplit(".", 1)[1]))
-
-
 @register
 class Freeze(WeightsMethod):
     """Train the chosen modules only."""
@@ -51,7 +42,7 @@ class Freeze(WeightsMethod):
         cfg = self.config
         chosen: list[nn.Module] = []
         if cfg.last_n_layers:
-            blocks = _blocks(model)
+            blocks = transformer_blocks(model)
             if len(blocks) < cfg.last_n_layers:
                 raise ValueError(f"method.last_n_layers={cfg.last_n_layers} but the model has {len(blocks)} blocks")
             chosen += [model.get_submodule(n) for n in blocks[-cfg.last_n_layers:]]

@@ -12,17 +12,24 @@ rounded up to a multiple of 8) and initialises the new rows (``init``). Training
 with learning rate ``train.lr * lr_scale`` (:mod:`lmadapt.methods.new_tokens_layer`), plus LoRA on the rest when
 ``lora:`` is given (the :mod:`lmadapt.methods.lora` layers, unchanged). Old rows never change
 (``train_old_rows: true`` trains them too, at ``train.lr``, as the paper's full-embedding settings do).
+``train_blocks`` trains whole transformer blocks in place, at ``train.lr``: ``[0, 1, -2, -1]`` with
+``train_old_rows: true`` is the paper's "2x2 LS" (embeddings, head, first two and last two blocks). LoRA leaves
+those blocks alone, as PEFT does with ``modules_to_save``.
 
 The adapter is PEFT's: ``LORA`` with ``trainable_token_indices`` (or ``TRAINABLE_TOKENS`` without LoRA), the rows
 saved under ``<module>.token_adapter.trainable_tokens_delta`` (PEFT 0.21 ``peft/tuners/trainable_tokens``; PEFT
-stores the rows themselves, not a difference), next to the extended tokenizer. Merge writes the rows into the
-resized matrices, so ``lmadapt merge`` gives a plain transformers model with the larger vocabulary.
+stores the rows themselves, not a difference), next to the extended tokenizer; trained blocks are PEFT's
+``modules_to_save``, their tensors under ``<block>.<parameter>``. Merge writes the rows into the resized matrices
+(trained blocks already are the model's weights), so ``lmadapt merge`` gives a plain transformers model with the
+larger vocabulary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,15 +38,21 @@ from torch import nn
 
 from lmadapt.config import from_dict, option
 from lmadapt.errors import ConfigError, LmadaptError
+from lmadapt.methods._weights import decay_groups
 from lmadapt.methods.base import Method, ParamGroup
 from lmadapt.methods.lora import PEFT_PREFIX, Lora, key_mismatch
 from lmadapt.methods.lora_layer import LoraConfig
 from lmadapt.methods.new_tokens_layer import Span, TokenRowsEmbedding, TokenRowsHead
 from lmadapt.methods.registry import register
-from lmadapt.models.tree import find_modules, freeze_all, replace_module
+from lmadapt.models.tree import TRAINED_IN_PLACE, find_modules, freeze_all, replace_module, transformer_blocks
 from lmadapt.vocab.bpe import VocabError
 
 ROWS_KEY = {"LORA": "token_adapter.trainable_tokens_delta", "TRAINABLE_TOKENS": "trainable_tokens_delta"}
+# PEFT's LORA config with no LoRA layers, for trained blocks without lora: PEFT keeps modules_to_save in a LORA
+# config but not in TRAINABLE_TOKENS', and of the target lists that match nothing PEFT 0.21 accepts only
+# "dummy-target-modules" (peft.utils.constants.DUMMY_TARGET_MODULES, X-LoRA's); [] raises "No modules were targeted".
+NO_LORA = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 8, "lora_dropout": 0.0,
+           "target_modules": "dummy-target-modules", "bias": "none", "init_lora_weights": True, "inference_mode": True}
 FILLED_IN = "Filled in by lmadapt when it expands the vocabulary and saved with the adapter, so that loading knows " \
             "which rows are new; leave it unset."
 
@@ -54,9 +67,10 @@ class NewTokensConfig:
             "per non-blank line; .jsonl/.json/.csv/.parquet: the text_field of each row). Give this or vocab.")
     text_field: str = option("text", "corpus only: the field holding the text in .jsonl/.json/.csv/.parquet files.")
     n: int = option(100, "corpus only: how many tokens to add (the paper recommends 50 to 100).")
-    init: Literal["random", "mean_all", "mean", "merge", "focus"] = option(
+    init: Literal["random", "mean_all", "mean", "merge", "focus", "align"] = option(
         "merge", "corpus only: how the new rows start (lmadapt.vocab.init): random, mean_all, mean (of the token's old "
-                 "pieces), merge (along its BPE merge path), focus (FOCUS/OMP over similar old tokens).")
+                 "pieces), merge (along its BPE merge path), focus (FOCUS over similar old tokens), align (the "
+                 "paper's: the old pieces its occurrences in the corpus overlap, frequency-weighted).")
     seed: int = option(0, "corpus only: seed of init random.")
     min_frequency: int = option(2, "corpus only: fewest occurrences of a pair for it to become a token.")
     pad_to_multiple_of: int = option(8, "corpus only: round the embedding rows up to a multiple of this (the paper: "
@@ -69,9 +83,13 @@ class NewTokensConfig:
     train_old_rows: bool = option(
         False, "Also train the old tokens' rows (the whole embedding and head, at train.lr; the adapter then holds "
                "them all). false: old rows stay bit for bit.")
+    train_blocks: list[int] = option(
+        [], "Transformer blocks to train fully (all their parameters, at train.lr), by index; negative ones count "
+            "from the end. [0, 1, -2, -1] with train_old_rows: true is the paper's \"2x2 LS\". LoRA leaves them "
+            "alone. []: no block trains.")
     lora: dict[str, Any] | None = option(
         None, "LoRA on the rest of the model: a lora method section without its name (r, alpha, target_modules, ...). "
-              "null: only the token rows train.")
+              "It skips the train_blocks. null: only the token rows (and train_blocks) train.")
     old_tokens: int | None = option(None, f"The base tokenizer's length. {FILLED_IN}")
     rows: int | None = option(None, f"The embedding rows after expansion. {FILLED_IN}")
 
@@ -94,6 +112,9 @@ class NewTokensConfig:
             problems.append(f"lr_scale: must be > 0, got {self.lr_scale}")
         if self.weight_decay is not None and self.weight_decay < 0:
             problems.append(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        repeated = sorted({i for i in self.train_blocks if self.train_blocks.count(i) > 1})
+        if repeated:
+            problems.append(f"train_blocks: {', '.join(map(str, repeated))} given more than once; name each block once")
         if self.lora is not None:
             try:
                 from_dict(LoraConfig, self.lora)
@@ -115,8 +136,11 @@ class NewTokens(Method):
     def __init__(self, config: NewTokensConfig) -> None:
         super().__init__(config)
         self.lora = Lora(from_dict(LoraConfig, config.lora)) if config.lora is not None else None
-        if self.lora is not None:
-            self.peft_type = "LORA"
+        if self.lora is not None or config.train_blocks:
+            self.peft_type = "LORA"  # PEFT keeps modules_to_save (the trained blocks) only in a LORA config
+        if config.train_blocks:
+            self.trains_base_weights = True  # the blocks' own weights train: keep them in fp32 under bf16
+        self.blocks: list[str] = []  # dotted names of train_blocks, set by apply()
         self.span: tuple[int, int] | None = None  # (n_old, n_old + n_new): the new ids, set by prepare()
         self.digest = ""  # of the new tokens' strings, set by prepare()
         self.names: dict[str, str] = {}  # "input"/"output" -> module name, set by apply()
@@ -207,11 +231,13 @@ class NewTokens(Method):
 
     # --- the layers --------------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> None:
-        """LoRA first (when configured; it freezes the model), then the token-row layers in place of the input
-        embedding and the output layer, their rows trainable."""
+        """LoRA first (when configured; it freezes the model, and skips the trained blocks), then the trained
+        blocks made trainable, then the token-row layers in place of the input embedding and the output layer,
+        their rows trainable."""
         if self.span is None:
             raise LmadaptError("new_tokens: call method.prepare(model, tokenizer) before method.apply(model) (lmadapt "
                                "train and lmadapt.load_adapter do), so that the model has the new tokens' rows")
+        self.blocks = trained_blocks(model, self.config.train_blocks)
         names = {id(m): n for n, m in model.named_modules()}
         emb, head = model.get_input_embeddings(), model.get_output_embeddings()
         self.names = {"input": names[id(emb)], "output": names[id(head)]}
@@ -222,15 +248,35 @@ class NewTokens(Method):
                 raise LmadaptError(f"new_tokens: lora.target_modules selects the output layer "
                                    f"({self.names['output']}), whose rows this method trains itself; leave it out "
                                    "of lora.target_modules")
+            if self.blocks:
+                self._keep_lora_out_of_blocks([n for n, _ in targets])
             self.lora.apply(model)
         else:
             freeze_all(model)
+        for block in self.blocks:
+            model.get_submodule(block).requires_grad_(True)
+            setattr(model.get_submodule(block), TRAINED_IN_PLACE, True)
         lo, hi = self.span
         spans: list[Span] = [("new_rows", lo, hi)] + ([("old_rows", 0, lo)] if self.config.train_old_rows else [])
         self.tied = head.weight is emb.weight
         new_emb = TokenRowsEmbedding(emb, spans)
         replace_module(model, self.names["input"], new_emb)
         replace_module(model, self.names["output"], TokenRowsHead(head, spans, new_emb if self.tied else None))
+
+    def _keep_lora_out_of_blocks(self, targets: list[str]) -> None:
+        """Exclude the trained blocks from LoRA, as PEFT does with modules_to_save (a block trains fully)."""
+        if all(n.startswith(tuple(f"{b}." for b in self.blocks)) for n in targets):
+            raise LmadaptError(f"new_tokens: lora.target_modules select only modules inside train_blocks "
+                               f"({', '.join(self.blocks)}), which train fully and take no LoRA (as in PEFT's "
+                               "modules_to_save); target modules of other blocks too, or leave lora out")
+        cfg = self.lora.config
+        skip = [f"re:{re.escape(b)}\\..*" for b in self.blocks]
+        self.lora.config = dataclasses.replace(cfg, exclude_modules=[*cfg.exclude_modules, *skip])
+
+    def _block_tensors(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """PEFT's modules_to_save keys (the block's own keys, prefixed) -> the trained blocks' tensors."""
+        return {f"{PEFT_PREFIX}{b}.{k}": v for b in self.blocks
+                for k, v in model.get_submodule(b).state_dict(keep_vars=True).items()}
 
     def _layers(self, model: nn.Module) -> list[TokenRowsEmbedding | TokenRowsHead]:
         return [model.get_submodule(self.names["input"]), model.get_submodule(self.names["output"])]
@@ -246,6 +292,9 @@ class NewTokens(Method):
                              weight_decay=self.config.weight_decay)]
         if self.config.train_old_rows:
             groups.append(ParamGroup("old_rows", [m.old_rows for m in owners]))
+        named = [(f"{b}.{n}", p) for b in self.blocks for n, p in model.get_submodule(b).named_parameters()]
+        groups += [dataclasses.replace(g, name="blocks" if g.name == "decay" else "blocks_no_decay")
+                   for g in decay_groups(named)]  # norms and biases without weight decay, as in full fine-tuning
         return groups + (self.lora.parameter_groups(model) if self.lora is not None else [])
 
     def merge(self, model: nn.Module) -> None:
@@ -278,29 +327,37 @@ class NewTokens(Method):
 
     def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The rows of the trainable ids in id order (old rows first when they train), per matrix, under PEFT's
-        keys; then LoRA's tensors."""
+        keys; then the trained blocks' tensors and LoRA's."""
         state = {key: torch.cat([rows.detach() for _, _, rows in sorted(layer.row_parameters(),
                                                                          key=lambda s: s[0])])
                  for key, layer in self._row_keys(model).items()}
         if self.peft_type == "TRAINABLE_TOKENS" and self.tied:  # PEFT saves the tied head's copy too
             tied_key = f"{PEFT_PREFIX}{self.names['output']}.{ROWS_KEY['TRAINABLE_TOKENS']}"
             state[tied_key] = next(iter(state.values())).clone()
-        return {**state, **(self.lora.adapter_state(model) if self.lora is not None else {})}
+        blocks = {k: v.detach() for k, v in self._block_tensors(model).items()}
+        return {**state, **blocks, **(self.lora.adapter_state(model) if self.lora is not None else {})}
 
     def load_adapter_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """The reverse of :meth:`adapter_state`; every key and shape is checked before anything is written."""
         suffix = ROWS_KEY["TRAINABLE_TOKENS"]  # both forms' keys end with it
         rows = {k: v for k, v in state.items() if k.endswith(suffix)}
-        rest = {k: v for k, v in state.items() if not k.endswith(suffix)}
+        blocks = {k: v for k, v in state.items() if k.startswith(tuple(f"{PEFT_PREFIX}{b}." for b in self.blocks))}
+        rest = {k: v for k, v in state.items() if k not in rows and k not in blocks}
         if self.peft_type == "TRAINABLE_TOKENS" and self.tied:
             rows.pop(f"{PEFT_PREFIX}{self.names['output']}.{suffix}", None)
-        layers = self._row_keys(model)
+        layers, block_tensors = self._row_keys(model), self._block_tensors(model)
         if rest and self.lora is None:
             raise KeyError(f"{len(rest)} unexpected tensor(s), e.g. {min(rest)} (this new_tokens adapter "
                            "has no lora section)")
-        if rows.keys() != layers.keys():
-            raise KeyError(key_mismatch(layers.keys() - rows.keys(), rows.keys() - layers.keys()))
+        for want, got in ((layers, rows), (block_tensors, blocks)):
+            if got.keys() != want.keys():
+                raise KeyError(key_mismatch(want.keys() - got.keys(), got.keys() - want.keys()))
         plan = []
+        for key, tensor in block_tensors.items():
+            if blocks[key].shape != tensor.shape:
+                raise ValueError(f"{key.removeprefix(PEFT_PREFIX)}: saved shape {tuple(blocks[key].shape)} != "
+                                 f"model's {tuple(tensor.shape)} (another base model?)")
+            plan.append((tensor, blocks[key]))
         for key, layer in layers.items():
             spans = sorted(layer.row_parameters(), key=lambda s: s[0])
             want = (sum(hi - lo for lo, hi, _ in spans), layer.weight.shape[1])
@@ -315,24 +372,50 @@ class NewTokens(Method):
                 param.copy_(values)
 
     def adapter_config(self) -> dict[str, Any]:
-        """PEFT's config: LORA with ``trainable_token_indices``, or TRAINABLE_TOKENS; the rows' ids, per matrix when
-        untied (a tied output layer follows the embedding in PEFT too)."""
-        if self.span is None:
-            raise ValueError("prepare() the method before asking for its PEFT config")
+        """PEFT's config: LORA with ``trainable_token_indices`` (and the trained blocks as ``modules_to_save``;
+        :data:`NO_LORA` when they train without LoRA), or TRAINABLE_TOKENS; the rows' ids, per matrix when untied
+        (a tied output layer follows the embedding in PEFT too)."""
+        if self.span is None or (self.config.train_blocks and not self.blocks):
+            raise ValueError("prepare() and apply() the method before asking for its PEFT config")
         lo, hi = self.span
         ids = list(range(0 if self.config.train_old_rows else lo, hi))
         modules = [self.names["input"]] + ([] if self.tied else [self.names["output"]])
-        if self.lora is None:
+        if self.peft_type == "TRAINABLE_TOKENS":
             return {"peft_type": "TRAINABLE_TOKENS", "task_type": "CAUSAL_LM", "token_indices": ids,
                     "target_modules": modules, "init_weights": True, "inference_mode": True}
         indices = ids if self.tied else {m: ids for m in modules}
-        return {**self.lora.adapter_config(), "trainable_token_indices": indices}
+        lora = self.lora.adapter_config() if self.lora is not None else NO_LORA
+        return {**lora, "trainable_token_indices": indices, "modules_to_save": self.blocks or None}
 
     @classmethod
     def config_from_peft(cls, peft_config: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("this is a PEFT TRAINABLE_TOKENS adapter without lmadapt's record, so lmadapt cannot tell "
                          "which tokenizer it belongs to; load it with PEFT (PeftModel.from_pretrained on the base "
                          "resized to the tokenizer), or merge it with PEFT and load the merged model")
+
+
+def trained_blocks(model: nn.Module, indices: list[int]) -> list[str]:
+    """The dotted names of the blocks ``indices`` picks (negative ones from the end), in model order; every bad
+    index is reported at once, before the model changes."""
+    if not indices:
+        return []
+    blocks = transformer_blocks(model)
+    lists = sorted({n.rsplit(".", 1)[0] for n in blocks})
+    if len(lists) != 1:
+        found = f"{len(lists)} lists of them ({', '.join(lists)}), so an index is ambiguous" if lists else "none"
+        raise ConfigError([(f"method.train_blocks: the model's transformer blocks (modules named <...>.layers.<i>, "
+                            f"h.<i>, blocks.<i> or block.<i>): found {found}; train its layers with lora instead")])
+    n = len(blocks)
+    where = f"the model has {n} transformer blocks ({lists[0]}.0 to {lists[0]}.{n - 1})"
+    problems = [f"method.train_blocks: index {i} is out of range: {where}; give 0 to {n - 1}, or -{n} to -1 "
+                "counting from the end" for i in indices if not -n <= i < n]
+    picked = [i % n for i in indices if -n <= i < n]
+    for block in sorted({b for b in picked if picked.count(b) > 1}):
+        same = " and ".join(str(i) for i in indices if -n <= i < n and i % n == block)
+        problems.append(f"method.train_blocks: {same} both name block {block} ({where}); name each block once")
+    if problems:
+        raise ConfigError(problems)
+    return [blocks[b] for b in sorted(set(picked))]
 
 
 def _matrices(model: nn.Module) -> list[torch.nn.Parameter]:

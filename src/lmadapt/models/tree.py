@@ -133,6 +133,17 @@ def modules_of_type(model: nn.Module, cls: type[nn.Module]) -> Iterator[tuple[st
             yield name, module
 
 
+_BLOCK = re.compile(r"(.*\.)?(layers|h|blocks|block)\.(\d+)$")
+
+
+def transformer_blocks(model: nn.Module) -> list[str]:
+    """Dotted names of the transformer blocks, in index order: modules named ``<...>.layers.<i>`` (or ``h``,
+    ``blocks``, ``block``). A model with several such lists (a vision tower beside the language model) gets the
+    blocks of all of them, sorted by index."""
+    names = [n for n, _ in model.named_modules() if _BLOCK.fullmatch(n)]
+    return sorted(names, key=lambda n: int(n.rsplit(".", 1)[1]))
+
+
 def freeze_all(model: nn.Module) -> None:
     """Set ``requires_grad=False`` on every parameter (and keep the output head fast once frozen)."""
     for p in model.parameters():
@@ -161,6 +172,11 @@ def _contiguous_head_input(model: nn.Module) -> None:
         head._lmadapt_contiguous_input = True
 
 
+# Set to True on a module whose base weights a method trains in place (new_tokens' train_blocks): the base
+# model's outputs are then gone from the model, and adapters_disabled refuses.
+TRAINED_IN_PLACE = "lmadapt_trained_in_place"
+
+
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module, names: Sequence[str] | None = None) -> Iterator[nn.Module]:
     """Run the frozen base model through the same weights: every adapter module is switched off inside.
@@ -172,6 +188,12 @@ def adapters_disabled(model: nn.Module, names: Sequence[str] | None = None) -> I
     ``names`` switches off only those named adapters (modules that hold named adapters expose
     ``adapter_names`` and a settable ``disabled_adapters``); the others stay as they are.
     """
+    in_place = [n for n, m in model.named_modules() if getattr(m, TRAINED_IN_PLACE, False)]
+    if in_place:
+        raise LmadaptError(f"{len(in_place)} module(s) of the model train their base weights in place ({in_place[0]}"
+                           f"{', ...' if len(in_place) > 1 else ''}: e.g. new_tokens' train_blocks), so switching the "
+                           "adapters off would not give the base model's outputs; load the base model separately "
+                           "for them")
     if not any(isinstance(getattr(m, "adapter_enabled", None), bool) for m in model.modules()):
         raise LmadaptError("the model has no adapter modules to switch off (a plain model, or a method such as "
                            "full/freeze that trains the base weights themselves), so it cannot give the base "

@@ -135,7 +135,7 @@ def expand_model(model: Any, tokenizer: Any, texts: Iterable[str], n: int, *, in
     new_tok = extend_tokenizer(tokenizer, new_tokens)
     resize_for(model, new_tok, pad_to_multiple_of=pad_to_multiple_of)
     report = init_new_rows(model, tokenizer, new_tok, new_tokens, init, seed=seed,
-                           texts=texts if init == "focus" else None)
+                           texts=texts if init in ("focus", "align") else None)
     base = str(getattr(model.config, "_name_or_path", "") or getattr(tokenizer, "name_or_path", "") or "")
     record = ExpansionRecord(
         base_model=base, old_tokens=len(tokenizer), old_rows=old_rows, new_tokens=list(new_tokens), init=init,

@@ -16,14 +16,28 @@ matrix (input embeddings, or the output layer when untied; each is initialised f
                 like t, so the row stays inside the old rows' hull (unconstrained least-squares weights, as in
                 OMP-based transplantation, gave rows of huge norm and a per-word perplexity of 1e23 on SmolLM2).
                 Tokens seen fewer than 3 times fall back to ``mean``.
+- ``align``:    the paper's recommended init. ``texts`` are encoded with both tokenizers; each occurrence of t is
+                aligned to seq, the old tokens that share at least one symbol of the text with it, and
+                e_t = sum_seq f(seq | t) mean_{s in seq} E_s,  f(seq | t) = count(t, seq) / count(t).
+                Spans are measured in BPE-model space (cumulative token-string lengths), where they are exact;
+                character offsets are not (the byte tokens of one UTF-8 character share its offsets). Tokens
+                absent from ``texts`` fall back to ``merge``, and those merge cannot resolve to ``random``
+                ("Merge initialises first and Random is the fallback"). With :func:`extend_tokenizer`'s
+                tokenizers every new encoding coarsens the old one, so each occurrence of t overlaps exactly
+                S(t) and align equals ``mean`` on the tokens seen; the weighting matters for a new tokenizer
+                whose merges can pre-empt old ones. (gucci-j/lowres-cve keeps containment, not overlap, and
+                counts a token once per text; here every occurrence counts.)
 
 Rows past ``len(new_tokenizer)`` (padding to a multiple of 8) are zero; old rows are never written.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import numpy as np
@@ -32,26 +46,36 @@ import torch
 from lmadapt.vocab.bpe import VocabError
 from lmadapt.vocab.expand import NewToken
 
-INIT_METHODS = ("random", "mean_all", "mean", "merge", "focus")
+INIT_METHODS = ("random", "mean_all", "mean", "merge", "focus", "align")
 """The initialisations :func:`init_new_rows` implements, by name."""
 
 FOCUS_WINDOW, FOCUS_DIM, FOCUS_CONTEXTS, FOCUS_MIN_COUNT, FOCUS_TEMPERATURE = 2, 64, 2048, 3, 0.1
 """FOCUS/OMP settings: co-occurrence window, SVD dimension, context columns kept (most frequent tokens), OMP atoms
 per token, and the fewest occurrences a token needs in ``texts`` to get an auxiliary vector."""
 
+ALIGN_BATCH = 1024
+"""Texts per ``encode_batch`` call of the ``align`` initialisation."""
+
 
 @dataclass
 class InitReport:
-    """What :func:`init_new_rows` did: method, number of new rows per matrix, matrices written (1 when tied), and
-    the tokens that fell back to ``mean`` (``focus`` without enough context, ``merge`` with an unknown part)."""
+    """What :func:`init_new_rows` did: method, number of new rows per matrix, matrices written (1 when tied), the
+    tokens that fell back (to ``mean``: ``focus`` without enough context, ``merge`` with an unknown part; to
+    ``merge``: ``align`` for a token absent from the texts) and, of those, the ones that went on to ``random``
+    (``align`` for a token that merge cannot resolve either)."""
 
     method: str
     rows: int
     matrices: int
     fell_back: list[str] = field(default_factory=list)
+    random: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        extra = f"; {len(self.fell_back)} fell back to mean" if self.fell_back else ""
+        extra = ""
+        if self.fell_back:
+            extra = f"; {len(self.fell_back)} fell back to {'merge' if self.method == 'align' else 'mean'}"
+        if self.random:
+            extra += f" ({len(self.random)} of them on to random)"
         return f"{self.method}: {self.rows} new row(s) in {self.matrices} matrix(es){extra}"
 
 
@@ -99,7 +123,7 @@ def init_new_rows(model: Any, old_tokenizer: Any, new_tokenizer: Any, new_tokens
                   method: str, *, seed: int = 0, texts: Iterable[str] | None = None) -> InitReport:
     """Initialise the input (and, when untied, output) rows of ``new_tokens`` in ``model`` by ``method`` (one of
     :data:`INIT_METHODS`, equations in the module docstring); call :func:`resize_for` first. ``texts`` (target
-    text) is needed by ``focus`` only; ``seed`` drives ``random``."""
+    text) is needed by ``focus`` and ``align``; ``seed`` drives ``random`` and ``align``'s random fallback."""
     if method not in INIT_METHODS:
         raise VocabError(f"unknown initialisation {method!r}; choose one of {', '.join(INIT_METHODS)}.")
     ids = _new_ids(model, old_tokenizer, new_tokenizer, new_tokens)
@@ -111,6 +135,12 @@ def init_new_rows(model: Any, old_tokenizer: Any, new_tokenizer: Any, new_tokens
             raise VocabError("the focus initialisation needs target-language texts (texts=...) to learn which old "
                              "tokens each new token is used like.")
         plan = _focus_plan(new_tokenizer, list(texts), ids, n_old)
+    elif method == "align":
+        if texts is None:
+            raise VocabError("the align initialisation needs target-language texts (texts=...; the corpus the "
+                             "tokens were learned from) to see which old tokens each new token replaces.")
+        plan = _align_plan(old_tokenizer, new_tokenizer, list(texts), ids)
+    to_random: list[str] = []
     gen = torch.Generator().manual_seed(seed)
     matrices = embedding_matrices(model)
     with torch.no_grad():
@@ -125,10 +155,12 @@ def init_new_rows(model: Any, old_tokenizer: Any, new_tokenizer: Any, new_tokens
                 rows = torch.stack([_mean(old, subtoken_ids(old_tokenizer, t.token)) for t in new_tokens])
             elif method == "merge":
                 rows, fell_back = _merge_rows(old, old_tokenizer, new_tokens)
-            else:
+            elif method == "focus":
                 rows, fell_back = _focus_rows(old, old_tokenizer, new_tokens, ids, plan)
+            else:
+                rows, fell_back, to_random = _align_rows(old, old_tokenizer, new_tokens, ids, plan, gen)
             w[ids] = rows.to(w.dtype)
-    return InitReport(method, len(ids), len(matrices), fell_back)
+    return InitReport(method, len(ids), len(matrices), fell_back, to_random)
 
 
 def _new_ids(model: Any, old_tokenizer: Any, new_tokenizer: Any, new_tokens: Sequence[NewToken]) -> list[int]:
@@ -259,3 +291,75 @@ def sparsemax(z: np.ndarray) -> np.ndarray:
     support = k[1 + k * top > cumulative][-1]
     tau = (cumulative[support - 1] - 1) / support
     return np.maximum(z - tau, 0.0)
+
+
+def _align_rows(old: torch.Tensor, old_tokenizer: Any, new_tokens: Sequence[NewToken], ids: list[int],
+                plan: dict[int, tuple[np.ndarray, np.ndarray]], gen: torch.Generator
+                ) -> tuple[torch.Tensor, list[str], list[str]]:
+    """e_t = sum_o w_o E_o from the align plan; else the ``merge`` row, or a ``random`` row where merge had to
+    fall back. Returns the rows, the tokens not in the plan, and those of them that got a random row."""
+    merged, unresolved = _merge_rows(old, old_tokenizer, new_tokens)
+    unresolved_set = set(unresolved)
+    mu, sd = old.mean(0), old.std(0)
+    rows, fell_back, to_random = [], [], []
+    for k, (t, i) in enumerate(zip(new_tokens, ids)):
+        if i in plan:
+            atoms, coef = plan[i]
+            rows.append(torch.from_numpy(coef) @ old[torch.from_numpy(atoms)])
+            continue
+        fell_back.append(t.token)
+        if t.token in unresolved_set:
+            rows.append(mu + sd * torch.randn(old.shape[1], generator=gen, dtype=torch.float64))
+            to_random.append(t.token)
+        else:
+            rows.append(merged[k])
+    return torch.stack(rows), fell_back, to_random
+
+
+def _align_plan(old_tokenizer: Any, new_tokenizer: Any, texts: list[str], new_ids: list[int]
+                ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """For each new id that occurs in ``texts``: (old ids o, weights w_o) with sum_o w_o E_o equal to
+    sum_seq f(seq | t) mean(E[seq]), i.e. w_o = sum_seq f(seq | t) * (times o is in seq) / len(seq)."""
+    seen = align_counts(old_tokenizer, new_tokenizer, texts, new_ids)
+    plan = {}
+    for i, seqs in seen.items():
+        total = sum(seqs.values())
+        weight: Counter[int] = Counter()
+        for seq, n in seqs.items():
+            for o in seq:
+                weight[o] += n / (total * len(seq))
+        atoms = np.fromiter(weight, dtype=np.int64, count=len(weight))
+        plan[i] = (atoms, np.fromiter(weight.values(), dtype=np.float64, count=len(weight)))
+    return plan
+
+
+def align_counts(old_tokenizer: Any, new_tokenizer: Any, texts: Sequence[str], new_ids: Iterable[int]
+                 ) -> dict[int, Counter[tuple[int, ...]]]:
+    """For each of ``new_ids`` that occurs in ``texts`` (encoded without special tokens): how often each sequence
+    of old ids overlaps its occurrences, ``{new id: Counter({(old id, ...): count})}``.
+
+    Positions are offsets into the concatenated token strings (BPE-model space: 'Ġ', '▁', one symbol per byte
+    of a byte-level token), which both tokenizers share when they differ only in merges; a text whose strings
+    differ raises :class:`VocabError`."""
+    wanted = set(new_ids)
+    counts: dict[int, Counter[tuple[int, ...]]] = {}
+    old_backend, new_backend = old_tokenizer.backend_tokenizer, new_tokenizer.backend_tokenizer
+    for first in range(0, len(texts), ALIGN_BATCH):
+        batch = list(texts[first:first + ALIGN_BATCH])
+        olds = old_backend.encode_batch(batch, add_special_tokens=False)
+        news = new_backend.encode_batch(batch, add_special_tokens=False)
+        for k, (o, n) in enumerate(zip(olds, news)):
+            old_ids, old_strings, new_strings = o.ids, o.tokens, n.tokens
+            if "".join(old_strings) != "".join(new_strings):
+                raise VocabError(
+                    f"the text at index {first + k} splits into different strings under the old and the new "
+                    "tokenizer, so their tokens cannot be aligned; align needs a new tokenizer that only adds BPE "
+                    "merges (the one extend_tokenizer returns), with the same normalizer and pre-tokenizer.")
+            ends, start = list(accumulate(map(len, old_strings))), 0
+            for i, s in zip(n.ids, new_strings):
+                end = start + len(s)
+                if i in wanted:  # old tokens j with ends[j] > start and starts[j] < end
+                    seq = tuple(old_ids[bisect_right(ends, start): bisect_right(ends, end - 1) + 1])
+                    counts.setdefault(i, Counter())[seq] += 1
+                start = end
+    return counts
