@@ -14,6 +14,10 @@ per row without packing). Three modes:
 - group_by_length: like transformers' ``LengthGroupedSampler``: shuffle, cut into mega-batches of
   50 x batch_size, sort each by length, cut into batches, shuffle the batch order. Right padding.
 - plain: shuffled, padded to the longest in the batch.
+
+Preference pairs (``dataset.paired``) are planned as units (a pair's length is its longer sequence), so a pair
+is never split between batches or processes: a plan row is the pair (2k, 2k + 1), and :meth:`Batcher.collate`
+makes it two rows, every chosen sequence first, then the rejected ones in the same order. They are not packed.
 """
 
 from __future__ import annotations
@@ -63,6 +67,21 @@ def length_grouped(order: list[int], lengths: list[int], batch_size: int, rng: r
     return batches
 
 
+def sequence_labels(targets: list[Any]) -> torch.Tensor:
+    """Classification labels of a batch, one per sequence: (B,) int64 class indices, (B,) float32 values when any
+    target is a float (regression), or (B, K) int64 class indices per row, -100 after each row's own (multi-label:
+    tuples of indices)."""
+    if any(isinstance(t, tuple) for t in targets):
+        rows = [t if isinstance(t, tuple) else (t,) for t in targets]
+        out = torch.full((len(rows), max(map(len, rows))), IGNORE, dtype=torch.long)
+        for b, row in enumerate(rows):
+            out[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+        return out
+    if any(isinstance(t, float) for t in targets):
+        return torch.tensor(targets, dtype=torch.float32)
+    return torch.tensor(targets, dtype=torch.long)
+
+
 class Batcher:
     """Deterministic batching and collation of a tokenized dataset; see the module docstring."""
 
@@ -74,6 +93,13 @@ class Batcher:
         self.packing, self.group_by_length, self.drop_last = packing, group_by_length, drop_last
         self.pad_id, self.seed = pad_id, seed
         self.lengths = [len(ids) for ids in dataset.input_ids]
+        self.paired = bool(getattr(dataset, "paired", False))
+        if self.paired and packing:
+            raise ValueError("preference pairs cannot be packed (the chosen and rejected sequences of a pair are "
+                             "separate rows of one batch); use data.batching length_grouped or padded")
+        if packing and getattr(dataset, "targets", None):
+            raise ValueError("classification examples cannot be packed (each row carries one label); use "
+                             "data.batching length_grouped or padded")
         too_long = [i for i, n in enumerate(self.lengths) if n > max_length]
         if packing and too_long:
             raise ValueError(f"example {too_long[0]} has {self.lengths[too_long[0]]} tokens, more than "
@@ -83,19 +109,22 @@ class Batcher:
     def batches(self, epoch: int) -> list[Batch]:
         """The plan of one epoch: batches of rows of example indices, fixed by (seed, epoch)."""
         rng = random.Random(f"lmadapt-batches:{self.seed}:{epoch}")
-        order = list(range(len(self.lengths)))
+        units = self.lengths if not self.paired else [max(a, b) for a, b in zip(self.lengths[::2], self.lengths[1::2])]
+        order = list(range(len(units)))
         rng.shuffle(order)
         if self.packing:
             rows = pack_rows(order, self.lengths, self.max_length)
             rng.shuffle(rows)
             plan = [rows[k:k + self.batch_size] for k in range(0, len(rows), self.batch_size)]
         elif self.group_by_length:
-            grouped = length_grouped(order, self.lengths, self.batch_size, rng)
+            grouped = length_grouped(order, units, self.batch_size, rng)
             plan = [[[i] for i in batch] for batch in grouped]
         else:
             plan = [[[i] for i in order[k:k + self.batch_size]] for k in range(0, len(order), self.batch_size)]
         if self.drop_last:
             plan = [batch for batch in plan if len(batch) == self.batch_size]
+        if self.paired:  # pair k is the row (2k, 2k + 1); collate makes it two
+            plan = [[[2 * k, 2 * k + 1] for [k] in batch] for batch in plan]
         return plan
 
     def __len__(self) -> int:
@@ -111,9 +140,12 @@ class Batcher:
         labels always are (padding, each example's first token), so that ``task_ids[:, 1:]`` aligns with outputs
         at ``[:, :-1]`` as labels do.
 
-        A bare index in ``batch`` is a row of one example.
+        A bare index in ``batch`` is a row of one example. Paired data: each row of ``batch`` is a pair, collated as
+        every pair's chosen sequence, then every rejected one in the same order, and ``pairs`` holds their number.
+        Classification data (``dataset.targets``): ``labels`` is one label per sequence (:func:`sequence_labels`),
+        and ``sequence_labels`` is True.
         """
-        rows = [[row] if isinstance(row, int) else list(row) for row in batch]
+        rows = self._rows(batch)
         used = [sum(self.lengths[i] for i in row) for row in rows]
         width = self.max_length if self.packing else max(used)
         if max(used) > width:
@@ -140,6 +172,11 @@ class Batcher:
                "num_target_tokens": (labels[:, 1:] != IGNORE).sum(), "num_tokens": torch.tensor(sum(used))}
         if task_ids is not None:
             out["task_ids"] = task_ids
+        if self.paired:
+            out["pairs"] = len(rows) // 2
+        if getattr(self.dataset, "targets", None):  # classification: one label per sequence, not per token
+            out["labels"] = sequence_labels([self.dataset.targets[row[0]] for row in rows])
+            out["sequence_labels"] = True
         if not self.packing:
             out["attention_mask"] = (torch.arange(width)[None, :] < torch.tensor(used)[:, None]).long()
         return out
@@ -147,10 +184,16 @@ class Batcher:
     def padding_stats(self, epoch: int = 0) -> dict[str, float]:
         """Token slots in the epoch's batches vs tokens that are real and that carry loss."""
         slots = tokens = targets = 0
-        for batch in self.batches(epoch):
+        for batch in map(self._rows, self.batches(epoch)):
             used = [sum(self.lengths[i] for i in row) for row in batch]
             slots += len(batch) * (self.max_length if self.packing else max(used))
             tokens += sum(used)
             targets += sum(sum(label != IGNORE for label in self.dataset.labels[i]) for row in batch for i in row)
         return {"slots": slots, "tokens": tokens, "target_tokens": targets,
                 "useful_fraction": tokens / max(1, slots), "padding_fraction": 1 - tokens / max(1, slots)}
+
+    def _rows(self, batch: Batch | list[int]) -> list[Row]:
+        """The collated rows of ``batch``: a bare index is a row of one example; paired data's pairs are split,
+        every chosen sequence first, then the rejected ones."""
+        rows = [[row] if isinstance(row, int) else list(row) for row in batch]
+        return [[row[0]] for row in rows] + [[row[1]] for row in rows] if self.paired else rows

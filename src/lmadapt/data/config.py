@@ -9,7 +9,41 @@ from lmadapt.config import option
 from lmadapt.data.readers import unpaired_surrogate
 from lmadapt.data.templates import chat_template_problem
 
-Format = Literal["auto", "text", "prompt_completion", "instruction", "chat"]
+Format = Literal["auto", "text", "prompt_completion", "instruction", "chat", "preference", "classification"]
+
+
+@dataclass
+class ReplayConfig:
+    """``data.replay``: a share of every training batch drawn from a second ("old") corpus, as continual
+    pretraining replays old data against forgetting ("Simple and Scalable Strategies to Continually Pre-train
+    Large Language Models", arXiv:2403.08763: 5% for a weak shift, 25% for English to German). Its files are
+    read with the data section's settings (max_length, add_eos, chat template, ...) except the fields here."""
+
+    train: list[str] = option(
+        [], "Files or globs of the replay corpus (same file types as data.train). Empty: no replay.")
+    share: float = option(
+        0.0, "Share of the rows of every training batch taken from the replay corpus, in [0, 1): the first n "
+             "rows of an epoch hold floor(n s + 1/2) replay rows, spread evenly, the rest from data.train "
+             "(lmadapt.data.replay). Rows, not tokens: with batching packed each row is max_length tokens, so it is "
+             "also the share of the token slots. The replay corpus repeats (reshuffled) when it runs out.")
+    format: Format = option("auto", "Row format of the replay files (as data.format).")
+    text_field: str = option("text", "Key of the raw text in the replay files (format text). The other key "
+                                     "names (messages_field, ...) are the data section's.")
+
+    def check(self) -> list[str]:
+        """Contradictions, each starting with the field name."""
+        problems = []
+        if not 0.0 <= self.share < 1.0:
+            problems.append(f"share: must be in [0, 1) (the rest of each batch is data.train), got {self.share}")
+        elif self.train and self.share == 0:
+            problems.append("share: 0 takes nothing from the replay files; give the share of each batch to replay, "
+                            "e.g. 0.05 for a weak shift, 0.25 for a new language")
+        elif self.share > 0 and not self.train:
+            problems.append("train: share > 0 but no replay files; give them, e.g. data.replay.train=[old.jsonl]")
+        if self.format in ("preference", "classification"):
+            problems.append(f"format: {self.format} rows are not next-token text; replay takes text, "
+                            f"prompt_completion, instruction or chat rows")
+        return problems
 
 
 @dataclass
@@ -25,20 +59,31 @@ class DataConfig:
     validation_fraction: float = option(
         0.0, "Without validation files: hold out this fraction of the training rows (seeded by data.seed).")
     format: Format = option(
-        "auto", "Row format. auto: from the first row's keys (messages -> chat, prompt+completion -> "
-                "prompt_completion, instruction+output -> instruction, text -> text).")
-    text_field: str = option("text", "Key of the raw text (format text).")
-    prompt_field: str = option("prompt", "Key of the prompt (format prompt_completion).")
+        "auto", "Row format. auto: from the first row's keys (messages -> chat, prompt+chosen+rejected -> "
+                "preference, prompt+completion -> prompt_completion, instruction+output -> instruction, "
+                "text -> text). preference: pairs for objective dpo. classification: text_field + label_field "
+                "rows for objective classify (never auto-detected).")
+    text_field: str = option("text", "Key of the raw text (formats text and classification).")
+    label_field: str = option(
+        "label", "Key of the label (format classification): a name from data.labels or a class index; a list of "
+                 "them for multi-label rows; a number for regression.")
+    labels: list[str] = option(
+        [], "Class names, in index order (format classification): a row's string label must be one of them and "
+            "becomes its index. Give objective.labels the same list (a YAML anchor writes it once).")
+    prompt_field: str = option("prompt", "Key of the prompt (formats prompt_completion and preference).")
     completion_field: str = option("completion", "Key of the completion (format prompt_completion).")
     instruction_field: str = option("instruction", "Key of the instruction (format instruction).")
     input_field: str = option("input", "Key of the optional input (format instruction).")
     output_field: str = option("output", "Key of the response (format instruction).")
     messages_field: str = option("messages", "Key of the list of {role, content} turns (format chat).")
+    chosen_field: str = option("chosen", "Key of the preferred response (format preference).")
+    rejected_field: str = option("rejected", "Key of the dispreferred response (format preference).")
     system_prompt: str | None = option(
-        None, "System turn put before prompt_completion/instruction rows when use_chat_template is true.")
+        None, "System turn put before prompt_completion/instruction/preference rows when use_chat_template "
+              "is true.")
     use_chat_template: bool = option(
-        False, "Render prompt_completion and instruction rows through the tokenizer's chat template as a "
-               "user turn and an assistant turn (chat rows always use it).")
+        False, "Render prompt_completion, instruction and preference rows through the tokenizer's chat template "
+               "as a user turn and an assistant turn (chat rows always use it).")
     chat_template: str | None = option(
         None, "The chat template conversations are rendered with. null: the tokenizer's own (lmadapt's "
               "fallback, with a notice, when it has none); chatml or fallback: that template by name; or a Jinja "
@@ -59,6 +104,9 @@ class DataConfig:
     add_eos: bool = option(True, "End each completion and each text document with the EOS token.")
     skip_bad_rows: bool = option(False, "Skip malformed rows (and count them) instead of stopping with the list.")
     seed: int = option(0, "Seed of the validation hold-out.")
+    replay: ReplayConfig = option(
+        default_factory=ReplayConfig,
+        help="Replay of an old corpus in every training batch (continual pretraining against forgetting).")
 
     def check(self) -> list[str]:
         """Cross-field contradictions, each starting with the field name."""
@@ -87,4 +135,26 @@ class DataConfig:
             problems.append(f"chat_template: {problem}")
         if self.use_chat_template and self.format == "text":
             problems.append("use_chat_template: has no effect with format=text (raw documents).")
+        if self.replay.train and (self.train_tasks or self.format in ("preference", "classification")):
+            what = "train_tasks" if self.train_tasks else f"format {self.format}"
+            problems.append(f"replay: replay mixes next-token rows into the batches, which {what} cannot take; drop "
+                            f"data.replay or {what}")
+        if self.format == "preference":
+            problems += self.preference_problems()
+        if self.format == "classification" and self.batching == "packed":
+            problems.append("batching: packed puts several examples in one row, but classification gives every "
+                            "row one label; use length_grouped or padded")
+        if len(set(self.labels)) != len(self.labels):
+            problems.append(f"labels: names must be distinct, got {self.labels}")
+        return problems
+
+    def preference_problems(self) -> list[str]:
+        """What contradicts preference pairs (checked for ``format: preference``, and when auto-detected)."""
+        problems = []
+        if self.batching == "packed":
+            problems.append("batching: packed cannot hold preference pairs (the chosen and rejected sequences of a "
+                            "pair must be separate rows of one batch); use length_grouped or padded")
+        if self.loss_on_prompt:
+            problems.append("loss_on_prompt: preference pairs compare the log-probabilities of the responses only; "
+                            "set loss_on_prompt=false")
         return problems

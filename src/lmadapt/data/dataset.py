@@ -6,17 +6,20 @@ which case they are skipped and counted. Nothing is written, so this runs before
 
 Length policy: a raw-text document longer than ``max_length`` is cut into consecutive chunks of
 ``max_length`` tokens (nothing lost); any other example is truncated on the right or left, or dropped
-(``truncation``). A truncated example with no trained token left is dropped too.
+(``truncation``). A truncated example with no trained token left is dropped too. A preference pair becomes two
+sequences, chosen then rejected, at consecutive indices (``TokenizedDataset.paired``); it is kept whole or dropped
+whole.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lmadapt.data.config import DataConfig
+from lmadapt.data.config import DataConfig, ReplayConfig
 from lmadapt.data.formats import Example, build_examples, detect_format
 from lmadapt.data.readers import ReadResult, expand_patterns, read_files
 from lmadapt.data.tokens import (
@@ -34,12 +37,16 @@ KEPT_PROBLEMS = 20
 @dataclass
 class TokenizedDataset:
     """Token rows ready for batching: ``input_ids[i]`` and ``labels[i]`` (-100: no loss) of example i, and its
-    task id ``tasks[i]`` when ``data.train_tasks`` gives them (``tasks`` is empty otherwise)."""
+    task id ``tasks[i]`` when ``data.train_tasks`` gives them (``tasks`` is empty otherwise). ``paired``:
+    preference pairs, example 2k the chosen and 2k + 1 the rejected sequence of pair k. ``targets[i]``: the label
+    of example i for classification (a class index, a tuple of them, or a number; empty for other formats)."""
 
     input_ids: list[list[int]] = field(default_factory=list)
     labels: list[list[int]] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     tasks: list[int] = field(default_factory=list)
+    paired: bool = False
+    targets: list[Any] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -82,8 +89,9 @@ class DataReport:
     def summary(self) -> str:
         """One paragraph for people."""
         val = f" and {self.validation_examples:,} validation" if self.validation_examples else ""
+        unit = "preference pairs" if self.format == "preference" else "examples"
         text = (f"Data ({self.format}): read {self.rows_read:,} rows from {self.files} file(s); "
-                f"{self.train_examples:,} training{val} examples, {self.tokens:,} tokens of which "
+                f"{self.train_examples:,} training{val} {unit}, {self.tokens:,} tokens of which "
                 f"{self.trainable_tokens:,} carry loss.")
         if self.empty_files:
             more = ", ..." if len(self.empty_files) > 3 else ""
@@ -140,10 +148,13 @@ def _examples(read: ReadResult, key: str, cfg: DataConfig, problems: list[str]) 
         keys = sorted(read.records[0].data) if read.records else []
         read.file_problems.append(
             f"{key}: cannot tell the format from the keys {keys} of the first row; expected "
-            f"'{cfg.messages_field}' (chat), '{cfg.prompt_field}'+'{cfg.completion_field}', "
+            f"'{cfg.messages_field}' (chat), '{cfg.prompt_field}'+'{cfg.chosen_field}'+'{cfg.rejected_field}' "
+            f"(preference), '{cfg.prompt_field}'+'{cfg.completion_field}', "
             f"'{cfg.instruction_field}'+'{cfg.output_field}' or '{cfg.text_field}'. Set data.format and "
             f"the data.*_field names.")
         return [], "unknown"
+    if fmt == "preference" and cfg.format == "auto":  # format: preference was checked with the config
+        read.file_problems += [f"data.{p} (the rows of {key} are preference pairs)" for p in cfg.preference_problems()]
     examples, found = build_examples(read.records, fmt, cfg)
     problems += read.row_problems + found
     return examples, fmt
@@ -173,36 +184,47 @@ def _hold_out(examples: list[Example], fraction: float, seed: int) -> tuple[list
 def _tokenize(examples: list[Example], tokenizer: Any, cfg: DataConfig, report: DataReport,
               problems: list[str]) -> TokenizedDataset:
     prefix = special_prefix(tokenizer)
-    out = TokenizedDataset()
+    out = TokenizedDataset(paired=any(e.rejected is not None for e in examples))
     for example in examples:
         try:
             ids, labels = tokenize_example(example, tokenizer, cfg, prefix)
+            if example.rejected is not None:
+                pair = [(ids, labels), tokenize_example(example.rejected, tokenizer, cfg, prefix)]
         except RowProblem as exc:
             problems.append(str(exc))
             continue
+        if example.rejected is not None:  # both sequences or neither
+            fitted = [fit_length(i, lab, False, cfg, report) for i, lab in pair]
+            if all(fitted):
+                for [(piece_ids, piece_labels)] in fitted:  # one piece each: pairs are never chunked
+                    out.add(example.source, piece_ids, piece_labels)
+            continue
         for piece_ids, piece_labels in fit_length(ids, labels, example.document, cfg, report):
             out.add(example.source, piece_ids, piece_labels)
+            if example.target is not None:  # classification: one piece (never a document), one label
+                out.targets.append(example.target)
     return out
 
 
-def _load(cfg: DataConfig, tokenizer: Any, *, train: bool,
-          validation: bool) -> tuple[TokenizedDataset, TokenizedDataset | None, DataReport]:
-    """Read, check, split and tokenize; raise on unreadable files, and on bad rows unless skip_bad_rows."""
+def _load(cfg: DataConfig, tokenizer: Any, *, train: bool, validation: bool,
+          train_key: str = "data.train") -> tuple[TokenizedDataset, TokenizedDataset | None, DataReport]:
+    """Read, check, split and tokenize; raise on unreadable files, and on bad rows unless skip_bad_rows.
+    ``train_key``: the key messages name for ``cfg.train`` (``data.replay.train`` for the replay corpus)."""
     if cfg.check():  # a DataConfig built in Python has not been checked yet
         raise ConfigError([f"data.{p}" for p in cfg.check()])
     reads: dict[str, ReadResult] = {}
     if train:
-        reads["data.train"] = _read(cfg.train, "data.train", cfg)
+        reads[train_key] = _read(cfg.train, train_key, cfg)
     if validation and cfg.validation:
         reads["data.validation"] = _read(cfg.validation, "data.validation", cfg)
     problems: list[str] = []
     examples = {key: _examples(read, key, cfg, problems) for key, read in reads.items()}
     _raise_for_files(reads, problems)
-    if train and not reads["data.train"].rows_read:
-        raise LmadaptError("data.train: no rows to train on:\n" + "".join(
+    if train and not reads[train_key].rows_read:
+        raise LmadaptError(f"{train_key}: no rows to train on:\n" + "".join(
             f"  - {path}: holds no rows (the file is empty or blank, a CSV header only, or an empty JSON array)\n"
-            for path in reads["data.train"].empty) + "Add rows to the file(s), or name other files.")
-    train_ex = examples["data.train"][0] if train else []
+            for path in reads[train_key].empty) + "Add rows to the file(s), or name other files.")
+    train_ex = examples[train_key][0] if train else []
     if "data.validation" in examples:
         val_ex = examples["data.validation"][0]
     else:
@@ -257,8 +279,9 @@ def _raise_for_files(reads: dict[str, ReadResult], problems: list[str]) -> None:
 
 
 def _count_tokens(report: DataReport, train_set: TokenizedDataset, val_set: TokenizedDataset | None) -> None:
-    report.train_examples = len(train_set)
-    report.validation_examples = len(val_set) if val_set is not None else 0
+    per = 2 if train_set.paired else 1  # a preference pair is two sequences
+    report.train_examples = len(train_set) // per
+    report.validation_examples = len(val_set) // per if val_set is not None else 0
     for data in (train_set, val_set or TokenizedDataset()):
         report.tokens += sum(data.lengths)
         report.trainable_tokens += sum(label != IGNORE for labels in data.labels for label in labels)
@@ -277,6 +300,34 @@ def load_splits(cfg: DataConfig, tokenizer: Any) -> tuple[TokenizedDataset, Toke
     if not len(train_set):
         raise LmadaptError(f"no training examples are left: {report.summary()}")
     return train_set, val_set, report
+
+
+def replay_config(cfg: DataConfig) -> DataConfig:
+    """The data section that reads ``cfg.replay``'s files: ``cfg``'s settings with the replay's files, format and
+    text key, no validation, task ids or replay of its own (and no chat template or system prompt for raw text)."""
+    fmt = cfg.replay.format
+    templated = cfg.use_chat_template and fmt != "text"
+    return dataclasses.replace(cfg, train=list(cfg.replay.train), format=fmt, text_field=cfg.replay.text_field,
+                               validation=[], validation_fraction=0.0, train_tasks=[], use_chat_template=templated,
+                               system_prompt=cfg.system_prompt if templated and fmt != "chat" else None,
+                               replay=ReplayConfig())
+
+
+def load_replay(cfg: DataConfig, tokenizer: Any) -> tuple[TokenizedDataset, DataReport]:
+    """The replay corpus of ``cfg.replay`` (raising as :func:`load_splits` does, naming ``data.replay.train``)
+    with its report; :class:`lmadapt.data.replay.ReplayBatcher` mixes it into the training batches."""
+    if problems := cfg.replay.check():
+        raise ConfigError([f"data.replay.{p}" for p in problems])
+    if not cfg.replay.train:
+        raise ConfigError(["data.replay.train: no replay files given"])
+    replay_set, _, report = _load(replay_config(cfg), tokenizer, train=True, validation=False,
+                                  train_key="data.replay.train")
+    if replay_set.paired or replay_set.targets:
+        raise ConfigError([f"data.replay.format: the replay rows are {report.format} rows, not next-token text; "
+                           f"replay takes text, prompt_completion, instruction or chat rows"])
+    if not len(replay_set):
+        raise LmadaptError(f"data.replay.train: no replay examples are left: {report.summary()}")
+    return replay_set, report
 
 
 def load_dataset(cfg: DataConfig, tokenizer: Any,

@@ -1,7 +1,11 @@
 """Rows to examples: each format's fields are checked, and every problem names file, line and field.
 
 An :class:`Example` is either plain ``segments`` of text, each trained on or not (prompt/completion,
-instruction, raw text), or ``messages`` of a conversation that the tokenizer's chat template renders.
+instruction, raw text), or ``messages`` of a conversation that the tokenizer's chat template renders. A
+preference row is one example (prompt + chosen response) whose ``rejected`` is a second one (the same prompt +
+the rejected response).
+A classification row is one example of its text whose ``target`` is its label (a class index, class indices,
+or a number).
 
 Plain prompts for instruction rows (without ``use_chat_template``) use Alpaca-style headers::
 
@@ -12,7 +16,8 @@ Prompt/completion rows are concatenated as they are (the data carries its own se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lmadapt.data.config import DataConfig
@@ -36,12 +41,16 @@ class Example:
 
     ``segments``: (text, trainable) pieces joined in order; ``messages``: a conversation for the chat
     template (then ``segments`` is empty). ``document`` marks raw text, which is chunked, not truncated.
+    ``rejected``: for a preference pair (this example holds the chosen response), the same prompt with the
+    rejected response.
     """
 
     source: str
     segments: tuple[tuple[str, bool], ...] = ()
     messages: tuple[dict[str, Any], ...] = ()
     document: bool = False
+    rejected: Example | None = None
+    target: int | float | tuple[int, ...] | None = None  # classification: class index, value, or class indices
 
 
 def detect_format(records: list[Record], cfg: DataConfig) -> str | None:
@@ -50,6 +59,8 @@ def detect_format(records: list[Record], cfg: DataConfig) -> str | None:
         keys = record.data
         if cfg.messages_field in keys:
             return "chat"
+        if cfg.prompt_field in keys and cfg.chosen_field in keys and cfg.rejected_field in keys:
+            return "preference"
         if cfg.prompt_field in keys and cfg.completion_field in keys:
             return "prompt_completion"
         if cfg.instruction_field in keys and cfg.output_field in keys:
@@ -62,7 +73,8 @@ def detect_format(records: list[Record], cfg: DataConfig) -> str | None:
 def build_examples(records: list[Record], fmt: str, cfg: DataConfig) -> tuple[list[Example], list[str]]:
     """One example per good record; for bad records, their problems (a record may have several)."""
     convert = {"text": _text, "prompt_completion": _prompt_completion, "instruction": _instruction,
-               "chat": _chat}[fmt]
+               "chat": _chat, "preference": _preference,
+               "classification": _classification}[fmt]
     examples, problems = [], []
     for record in records:
         found: list[str] = []
@@ -102,6 +114,51 @@ def _text(record: Record, cfg: DataConfig, found: list[str]) -> Example:
     return Example(record.source, segments=((text, True),), document=True)
 
 
+def _classification(record: Record, cfg: DataConfig, found: list[str]) -> Example:
+    """The text, trained as one sequence (truncated, never chunked), with its label as ``target``."""
+    text = _string(record, cfg.text_field, found)
+    key = cfg.label_field
+    if key not in record.data or record.data[key] is None:
+        found.append(_missing(key, record.data))
+        return Example(record.source)
+    value = record.data[key]
+    if isinstance(value, list):
+        if not value:
+            found.append(f"field '{key}': an empty list (a multi-label row needs at least one label)")
+        target: Any = tuple(_class_index(v, f"{key}[{i}]", cfg, found) for i, v in enumerate(value))
+    elif isinstance(value, float):  # a regression target
+        target = value
+        if not math.isfinite(value):
+            found.append(f"field '{key}': {value} is not a finite number")
+    else:
+        target = _class_index(value, key, cfg, found)
+    return Example(record.source, segments=((text, True),), target=target)
+
+
+def _class_index(value: Any, key: str, cfg: DataConfig, found: list[str]) -> int:
+    """A class label as its index: a name from ``data.labels``, or an index into them (any index >= 0 when
+    ``data.labels`` is empty)."""
+    known = cfg.labels
+    if isinstance(value, str):
+        if value in known:
+            return known.index(value)
+        stripped = [name for name in known if name.strip() == value.strip()]
+        if len(stripped) == 1:
+            return known.index(stripped[0])
+        found.append(f"field '{key}': unknown label {value!r}; the labels are {known}" if known else
+                     f"field '{key}': the label {value!r} is a name, but data.labels is empty; list the class "
+                     f"names in data.labels (in index order)")
+        return -1
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0 or (known and value >= len(known)):
+            top = f"0 to {len(known) - 1} (data.labels has {len(known)} names)" if known else ">= 0"
+            found.append(f"field '{key}': class index {value} is out of range; expected {top}")
+        return value
+    found.append(f"field '{key}': expected a label name, a class index, a list of them (multi-label) or a number "
+                 f"(regression), got {type_name(value)}")
+    return -1
+
+
 def _with_chat(record: Record, cfg: DataConfig, prompt: str, completion: str) -> Example:
     """A user/assistant exchange, as chat turns or as plain prompt + completion segments."""
     if cfg.use_chat_template:
@@ -115,6 +172,17 @@ def _prompt_completion(record: Record, cfg: DataConfig, found: list[str]) -> Exa
     prompt = _string(record, cfg.prompt_field, found, allow_empty=True)
     completion = _string(record, cfg.completion_field, found)
     return _with_chat(record, cfg, prompt, completion)
+
+
+def _preference(record: Record, cfg: DataConfig, found: list[str]) -> Example:
+    """The chosen exchange, with the rejected one as its ``rejected``: two sequences that share the prompt."""
+    prompt = _string(record, cfg.prompt_field, found, allow_empty=True)
+    chosen = _string(record, cfg.chosen_field, found)
+    rejected = _string(record, cfg.rejected_field, found)
+    if not found and chosen == rejected:
+        found.append(f"field '{cfg.rejected_field}': the same text as '{cfg.chosen_field}', so the pair prefers "
+                     f"nothing")
+    return replace(_with_chat(record, cfg, prompt, chosen), rejected=_with_chat(record, cfg, prompt, rejected))
 
 
 def _instruction(record: Record, cfg: DataConfig, found: list[str]) -> Example:

@@ -36,7 +36,7 @@ from lmadapt.data.templates import (
 from lmadapt.errors import LmadaptError
 
 IGNORE = -100
-CHAT_FORMATS = ("prompt_completion", "instruction")  # the formats use_chat_template turns into conversations
+CHAT_FORMATS = ("prompt_completion", "instruction", "preference")  # the formats use_chat_template makes conversations
 _NOTIFIED: weakref.WeakSet[Any] = weakref.WeakSet()  # tokenizers whose fallback notice was given
 
 

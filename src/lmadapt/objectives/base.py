@@ -47,8 +47,28 @@ class Objective:
     # (the loop also asks every active method, see Method.causal_attention).
     causal_attention: ClassVar[bool] = True
 
+    # The data format whose rows this objective trains on (``preference`` pairs, ``classification`` labels), or
+    # None: token sequences (text, prompt_completion, instruction, chat). See :meth:`data_problems`.
+    data_format: ClassVar[str | None] = None
+
     def __init__(self, config: Any) -> None:
         self.config = config
+
+    def data_problems(self, data_format: str, data: Any) -> list[str]:
+        """Why training data of ``data_format`` (resolved, never ``auto``) and the ``data:`` section ``data`` do
+        not fit this objective: checked before the run writes anything. A format that another objective owns
+        (preference pairs for ``dpo``) would silently train as something else here."""
+        if self.data_format is not None and data_format != self.data_format:
+            return [f"objective {self.name!r} trains on data.format {self.data_format!r} rows, but the training data "
+                    f"reads as {data_format!r}; set data.format: {self.data_format} and give rows of that form "
+                    "(docs/data.md)"]
+        if self.data_format is None:
+            owners = {c.data_format: c.name for c in map(OBJECTIVES.get, OBJECTIVES.names()) if c.data_format}
+            if data_format in owners:
+                return [f"the training data are {data_format!r} rows, which objective {owners[data_format]!r} trains "
+                        f"on, but the objective is {self.name!r} (it would train on them as plain sequences); set "
+                        f"objective.name: {owners[data_format]}"]
+        return []
 
     def setup(self, model: nn.Module, tokenizer: Any, device: torch.device) -> None:
         """Prepare before training, after the method is applied (so what the objective trains wins): load a
@@ -60,6 +80,11 @@ class Objective:
         else. Called by :meth:`setup`, and when an adapter that saved the heads is loaded (without
         :meth:`setup`: no teacher, no data), before :meth:`load_trainable_state` overwrites their values.
         The default adds nothing (the value objective's head is part of its ValueModel)."""
+
+    def begin_step(self, step: int, total: int) -> None:
+        """Called by the loop before optimizer step ``step`` (0-based; a resumed run passes its restored count) of
+        ``total``: an objective that changes over training reads the step here, so it is exact under resume.
+        Nothing by default."""
 
     def count(self, batch: dict[str, Any]) -> int:
         """Units of ``batch`` that carry loss (computed before the forward pass, from the batch alone)."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lmadapt.data import DataReport, load_splits
+from lmadapt.data.dataset import load_replay
 from lmadapt.data.tokens import IGNORE, chosen_template, set_chat_template, uses_chat
 from lmadapt.errors import LmadaptError
 from lmadapt.methods import build_method
@@ -106,6 +107,8 @@ def dry_run(config: str | Path | dict[str, Any] | RunConfig, overrides: Sequence
     base_fp = fingerprint(model)
     tokenizer = set_chat_template(method.prepare(model, tokenizer), cfg.data)
     train_set, _, report = load_splits(cfg.data, tokenizer)
+    if cfg.data.replay.train:  # read and checked as training reads it
+        load_replay(cfg.data, tokenizer)
     check_eval_data(cfg.evals)
     if cfg.init_adapter:
         read_init_adapter(cfg.init_adapter, method, model, base_fp)

@@ -23,6 +23,8 @@ from lmadapt.adapters.format import (
 )
 from lmadapt.config import ConfigError, config_source, option, to_dict
 from lmadapt.data import DataConfig, load_splits
+from lmadapt.data.dataset import load_replay
+from lmadapt.data.replay import with_replay
 from lmadapt.data.tokens import set_chat_template, training_record
 from lmadapt.errors import AdapterError
 from lmadapt.evaluation.config import EvalConfig
@@ -109,14 +111,20 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
     base_fp = fingerprint(model)  # before prepare() may resize the vocabulary: loading checks the base as loaded
     tokenizer = set_chat_template(method.prepare(model, tokenizer), cfg.data)  # data.chat_template, for the evals too
     train_set, val_set, data_report = load_splits(cfg.data, tokenizer)  # raises before anything is written
+    mismatch = objective.data_problems(data_report.format, cfg.data)
+    if mismatch:
+        raise ConfigError(mismatch, str(config) if isinstance(config, (str, Path)) else None)
     say(data_report.summary(), run.dist)
+    replay_set, replay_report = load_replay(cfg.data, tokenizer) if cfg.data.replay.train else (None, None)
+    if replay_report is not None:
+        say(f"Replay, {cfg.data.replay.share:.1%} of the rows of every batch: {replay_report.summary()}", run.dist)
     check_eval_data(cfg.evals)
     base_name = model_display_name(cfg.model)
     init = read_init_adapter(cfg.init_adapter, method, model, base_fp) if cfg.init_adapter else None
     if cfg.train.lae_offline_init:  # LAE's offline copy starts from it (lmadapt.training.lae): checked now
         read_init_adapter(cfg.train.lae_offline_init, method, model, base_fp, key="train.lae_offline_init")
     batch = dict(max_length=cfg.data.max_length, batching=cfg.data.batching, pad_id=tokenizer.pad_token_id)
-    batcher = run.batcher(train_set, **batch)
+    batcher = with_replay(run.batcher(train_set, **batch), replay_set, cfg.data.replay.share)
     val_batcher = run.batcher(val_set, **batch) if val_set is not None and len(val_set) else None
 
     run.create(cfg)
@@ -149,6 +157,7 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
     evals_after = _evaluate_all(model, tokenizer, cfg, run, "after")
     report = {"model": base_name, "base_fingerprint": base_fp, "method": method.name, "objective": objective.name,
               "trainable_parameters": trainable, "total_parameters": total, "data": to_dict(data_report),
+              **({"replay_data": to_dict(replay_report)} if replay_report is not None else {}),
               **loop_report(result),
               "evals": [{"eval": _eval_name(e), "before": b, "after": a}
                         for e, b, a in zip(cfg.evals, evals_before, evals_after)]}

@@ -48,7 +48,8 @@ def matmul_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: (B, H, L, D) query, (B, Hkv, S, D) key/value, a boolean
-    (B or 1, 1, L, S) mask (True: attend) or None for plain causal; returns ((B, L, H, D), None)."""
+    (B or 1, 1, L or 1, S) mask (True: attend) or None for plain causal (full attention when ``is_causal`` is
+    False: a layer whose causal mask was removed, :mod:`lmadapt.models.unmask`); returns ((B, L, H, D), None)."""
     batch, heads, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     if (query.device.type != "cpu" or query.dtype not in MATMUL_DTYPES or dropout or q_len != kv_len
@@ -57,6 +58,8 @@ def matmul_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
             or (attention_mask is not None and attention_mask.dtype != torch.bool)):
         return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                      is_causal=is_causal, **kwargs)
+    if attention_mask is None and is_causal is False:  # a bidirectional layer with no padding in the batch
+        attention_mask = torch.ones(1, 1, 1, kv_len, dtype=torch.bool, device=query.device)
     return grouped_attention(query, key, value, attention_mask, dim ** -0.5 if scaling is None else scaling), None
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 from lmadapt.config import option
+from lmadapt.training.schedules import Schedule
 
 
 @dataclass
@@ -21,11 +23,26 @@ class TrainConfig:
         "fp32", "Autocast precision of the forward/backward (weights keep model.dtype). auto: bf16 where the "
         "device runs bf16 matmuls faster than fp32 (a CUDA GPU with bf16, a CPU with AMX/AVX512-BF16; measured "
         "once), else fp32.")
-    schedule: Literal["constant", "linear", "cosine", "wsd"] = option("cosine", "Learning-rate schedule after warm-up.")
+    schedule: Literal["constant", "linear", "cosine", "wsd", "infinite", "inverse_sqrt"] = option(
+        "cosine", "Learning-rate schedule after warm-up (lmadapt.training.schedules). infinite: cosine cooldown "
+                  "from the peak to const_ratio x peak over cooldown_steps, then constant; inverse_sqrt: peak x "
+                  "sqrt(warmup / step). Neither depends on max_steps (unless anneal), so --resume may extend the run.")
     warmup_steps: int = option(0, "Linear warm-up steps (overrides warmup_ratio when > 0).")
     warmup_ratio: float = option(0.0, "Warm-up as a fraction of the total steps.")
-    min_lr_ratio: float = option(0.0, "Final learning rate as a fraction of the peak.")
-    decay_ratio: float = option(0.1, "wsd: fraction of the steps spent in the final decay.")
+    min_lr_ratio: float = option(0.0, "Final learning rate as a fraction of the peak (linear, cosine, wsd; the "
+                                      "end of the annealing with anneal: true, where it must be > 0).")
+    decay_ratio: float = option(0.1, "wsd: fraction of the steps spent in the final decay; infinite and "
+                                     "inverse_sqrt with anneal: true: the fraction spent annealing.")
+    const_ratio: float = option(0.5, "infinite: the constant learning rate after the cooldown, as a fraction of "
+                                     "the peak (arXiv:2403.08763 uses about 0.5).")
+    cooldown_steps: int = option(0, "infinite: steps of the cosine cooldown after the warm-up (overrides "
+                                    "cooldown_ratio when > 0).")
+    cooldown_ratio: float = option(0.0, "infinite: the cooldown as a fraction of the total steps (then the "
+                                        "schedule depends on max_steps, and --resume cannot extend the run).")
+    anneal: bool = option(False, "infinite, inverse_sqrt: end with an exponential decay to min_lr_ratio x peak "
+                                 "over the last decay_ratio of the steps (before a checkpoint meant for use). The "
+                                 "decay depends on max_steps: extend the run with anneal false, and switch it on "
+                                 "with the last extension.")
     epochs: int = option(1, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = option(0, "Optimizer steps to run (0: derive from epochs).")
     eval_every: int = option(0, "Validation loss every N steps (0: only at the end).")
@@ -74,6 +91,7 @@ class TrainConfig:
         for name in ("max_steps", "eval_every", "save_every", "warmup_steps", "eval_batches", "threads"):
             if getattr(self, name) < 0:
                 problems.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        problems += self._schedule_problems()
         if self.lae_momentum is not None and not 0 <= self.lae_momentum <= 1:
             problems.append(f"lae_momentum: must be in [0, 1] (null: no LAE), got {self.lae_momentum}")
         if self.lae_warmup_steps < 0:
@@ -82,3 +100,40 @@ class TrainConfig:
             problems.append("lae_warmup_steps and lae_offline_init set the LAE offline copy, which is off: set "
                             "lae_momentum too (e.g. 0.9999), or drop them")
         return problems
+
+    def _schedule_problems(self) -> list[str]:
+        """The infinite schedules' settings: ratios in range, a cooldown to cool down over, a floor to anneal to."""
+        problems = []
+        for name in ("min_lr_ratio", "decay_ratio", "const_ratio", "cooldown_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                problems.append(f"{name}: must be in [0, 1], got {getattr(self, name)}")
+        if self.cooldown_steps < 0:
+            problems.append(f"cooldown_steps: must be >= 0, got {self.cooldown_steps}")
+        infinite = self.schedule in ("infinite", "inverse_sqrt")
+        if self.anneal and not infinite:
+            problems.append(f"anneal: only for schedule infinite or inverse_sqrt (schedule {self.schedule} has its "
+                            f"own decay, or none); drop anneal, or choose one of them")
+        if self.anneal and infinite and not 0 < self.min_lr_ratio < self._anneal_from():
+            problems.append(f"min_lr_ratio: annealing decays exponentially to min_lr_ratio x peak, so it must be > 0 "
+                            f"and below the rate it decays from ({self._anneal_from():g} x peak), got "
+                            f"{self.min_lr_ratio} (arXiv:2403.08763 anneals from 0.5 x peak to 0.1 x peak)")
+        if self.schedule != "infinite" and (self.cooldown_steps or self.cooldown_ratio or self.const_ratio != 0.5):
+            set_ = [n for n in ("cooldown_steps", "cooldown_ratio") if getattr(self, n)]
+            set_ += ["const_ratio"] * (self.const_ratio != 0.5)
+            problems.append(f"{', '.join(set_)}: only used by schedule infinite, not {self.schedule}; drop them, or "
+                            f"set schedule infinite")
+        elif self.schedule == "infinite" and self.const_ratio < 1 and not (self.cooldown_steps or self.cooldown_ratio):
+            problems.append(f"cooldown_steps: schedule infinite cools down from the peak to const_ratio x peak "
+                            f"({self.const_ratio}) over cooldown_steps (or cooldown_ratio x max_steps); set one, "
+                            f"e.g. cooldown_steps equal to a tenth of the steps, or const_ratio 1 for none")
+        return problems
+
+    def _anneal_from(self) -> float:
+        """The rate annealing starts from, as a fraction of the peak: at its first step when max_steps is
+        known, else the constant phase's (infinite) or the peak (inverse_sqrt)."""
+        if self.max_steps > 0:
+            schedule = Schedule.of(dataclasses.asdict(self), self.max_steps)
+            if schedule.anneal_start is not None:
+                return schedule.factor(schedule.anneal_start)
+        return self.const_ratio if self.schedule == "infinite" else 1.0
+

@@ -42,7 +42,7 @@ from lmadapt.training.lae import OfflineCopy
 from lmadapt.training.optim import build_optimizer
 from lmadapt.training.precision import autocast, needs_autocast
 from lmadapt.training.resume import interrupt_message
-from lmadapt.training.schedules import lr_factor
+from lmadapt.training.schedules import Schedule
 
 
 class NonFiniteLoss(LmadaptError):
@@ -93,7 +93,8 @@ class Trainer:
         self.lae = OfflineCopy.for_run(model, method, cfg, self.objective)  # None unless train.lae_momentum
         self.steps_per_epoch = max(1, len(train_batcher) // cfg.grad_accum)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-        self.warmup = cfg.warmup_steps or round(cfg.warmup_ratio * self.total_steps)
+        self.schedule = Schedule.of(dataclasses.asdict(cfg), self.total_steps)  # the lr factor of each step
+        self.warmup = self.schedule.warmup
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         self.use_autocast = needs_autocast(model, cfg.precision)
         # tokens: loss-bearing ("useful") units; input_tokens: every real (non-padding) token processed
@@ -136,6 +137,7 @@ class Trainer:
     def _step(self) -> tuple[float | None, float]:
         """One optimizer step; returns (mean loss, grad norm) or (None, nan) when skipped."""
         cfg, model, objective = self.cfg, self.model, self.objective
+        objective.begin_step(self.state["step"], self.total_steps)
         fetched = [self._micro_batch(self.state["micro"] + i) for i in range(cfg.grad_accum)]
         micro = [mb for mb in fetched if mb is not None]
         counts = [objective.count(mb) for mb in micro]
@@ -176,8 +178,7 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
             return self._non_finite(f"gradient norm is {grad_norm}")
-        factor = lr_factor(self.state["step"], total=self.total_steps, warmup=self.warmup,
-                           schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio, decay_ratio=cfg.decay_ratio)
+        factor = self.schedule.factor(self.state["step"])
         for g in self.optimizer.param_groups:
             g["lr"] = cfg.lr * factor * g["lr_scale"]
         step_ctx = StepContext(model, contexts[-1].batch if contexts else {}, self.state["step"], self.total_steps,

@@ -2,8 +2,9 @@
 
 A resumed run must end where the run would have ended uninterrupted, so the config it is given is compared
 with the run's own ``config.yaml`` before anything is loaded. Settings that only decide what is logged,
-validated or kept may change (:data:`FREE`); ``train.max_steps`` may grow when the learning rate of a step
-does not depend on the total (``schedule: constant`` with a fixed warm-up); every other difference is
+validated or kept may change (:data:`FREE`); ``train.max_steps`` may grow, and the schedule settings change,
+when the learning rate of every step the run was started for stays the same (:func:`schedule_problem`:
+``constant``, ``infinite``, ``inverse_sqrt`` with a warm-up in steps); every other difference is
 refused with one error that lists them all. A setting the run's ``config.yaml`` lacks (a run made before
 that setting existed) counts as its default. A run that already wrote its ``report.json`` is finished: it
 is continued only when ``max_steps`` grew.
@@ -20,6 +21,7 @@ from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.jsonfile import JsonFileError, read_json_object
 from lmadapt.reporting import read_metrics
 from lmadapt.training.checkpoint import checkpoint_dirs
+from lmadapt.training.schedules import INFINITE, SETTINGS, Schedule
 from lmadapt.yamlfile import read_yaml
 
 FREE = ("train.save_every", "train.keep_last", "train.log_every", "train.eval_every", "train.eval_batches",
@@ -74,22 +76,51 @@ def differences(saved: Any, now: Any, key: str = "") -> list[tuple[str, Any, Any
     return [] if saved == now else [(key, saved, now)]
 
 
-def max_steps_problem(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
-    """Why ``train.max_steps`` may not change from ``saved`` to ``now`` (None when it may).
+SCHEDULE = ("train.max_steps", *(f"train.{key}" for key in SETTINGS))
+"""Keys a resumed run may change together when the learning rate of every step of the run as started stays the
+same (:func:`schedule_problem`): to extend a run whose schedule has no end built in, and to switch on its
+annealing over the added steps."""
 
-    The learning rate of step t is ``lr * f(t; total, warmup)``: with ``cosine``, ``linear`` and ``wsd`` the
-    factor depends on the total, so a longer run would have used other learning rates for the steps
-    already taken; ``constant`` after a fixed warm-up does not.
+
+def schedule_problem(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """Why the schedule of the ``train:`` section ``saved`` may not become that of ``now`` (None when it may).
+
+    The learning rate of step t is ``lr * f(t; max_steps, schedule settings)``. The change is allowed when
+    ``max_steps`` does not shrink and f is the same at every step t < the run's ``max_steps``: a resumed run
+    then repeats the steps it took and continues as a run started with the new settings would. That holds for
+    ``constant``, ``infinite`` and ``inverse_sqrt`` with the warm-up (and cooldown) in steps and ``anneal``
+    off, or annealing only over the added steps; with ``cosine``, ``linear`` and ``wsd`` the decay is spread
+    over the total, so every step's rate depends on it.
     """
     old, new = saved.get("max_steps"), now.get("max_steps")
-    if not (isinstance(old, int) and isinstance(new, int) and 0 < old < new):
+    if old == new == 0:
+        return "the run's length comes from train.epochs (max_steps 0), so its schedule cannot change on resume"
+    if not (isinstance(old, int) and isinstance(new, int) and 0 < old <= new):
         return "max_steps may only grow, and only in a run started with max_steps > 0"
-    if now.get("schedule") != "constant":
-        return (f"with schedule {now.get('schedule')} the learning rate of every step depends on max_steps, so "
-                f"the steps already taken would not be those of the longer run; only schedule constant may grow")
-    if not now.get("warmup_steps") and now.get("warmup_ratio"):
+    before, after = Schedule.of(saved, old), Schedule.of(now, new)
+    changed = next((t for t in range(old) if before.factor(t) != after.factor(t)), None)
+    if changed is None:
+        return None
+    if after.name not in INFINITE:
+        return (f"with schedule {after.name} the learning rate of every step depends on max_steps, so the steps "
+                f"already taken would not be those of the longer run; only schedules constant, infinite and "
+                f"inverse_sqrt may grow")
+    if before.warmup != after.warmup and not now.get("warmup_steps") and now.get("warmup_ratio"):
         return "the warm-up is warmup_ratio x max_steps, so it would change; only a run with warmup_steps may grow"
-    return None
+    if before.cooldown != after.cooldown and not now.get("cooldown_steps") and now.get("cooldown_ratio"):
+        return ("the cooldown is cooldown_ratio x max_steps, so it would change; only a run with cooldown_steps "
+                "may grow")
+    if before.anneal_start is not None and changed >= before.anneal_start:
+        return (f"the run annealed its last steps (anneal true, from step {before.anneal_start + 1}), so it cannot "
+                f"continue at the constant rate; start a new run from its result (docs/training.md, re-warming), "
+                f"or extend runs with anneal false and switch it on with the last extension")
+    start = after.anneal_start
+    if start is not None and start < old:
+        return (f"annealing (the last decay_ratio x max_steps) would start at step {start + 1}, within the {old} "
+                f"steps the run was started for; anneal over the added steps only: decay_ratio <= "
+                f"{(new - old) / new:.4g}, or a larger max_steps")
+    return (f"the learning rate of step {changed + 1} would be {after.factor(changed):.6g} x lr instead of "
+            f"{before.factor(changed):.6g} x lr")
 
 
 def _show_value(value: Any) -> str:
@@ -108,8 +139,8 @@ def resumed_record(run_dir: Path, saved: dict[str, Any], now: dict[str, Any]) ->
     for key, old, new in differences(saved, now):
         if key in IGNORED or key in KEPT:
             continue
-        why = max_steps_problem(_section(saved, "train"), _section(now, "train")) if key == "train.max_steps" else None
-        if key in FREE or (key == "train.max_steps" and why is None):
+        why = schedule_problem(_section(saved, "train"), _section(now, "train")) if key in SCHEDULE else None
+        if key in FREE or (key in SCHEDULE and why is None):
             changed.append(f"{key}: {_show_value(old)} -> {_show_value(new)}")
         else:
             because = f" ({why})" if why else ""
@@ -119,7 +150,9 @@ def resumed_record(run_dir: Path, saved: dict[str, Any], now: dict[str, Any]) ->
             f"--resume continues {run_dir} with the config it was started with ({run_dir / 'config.yaml'}), but "
             f"this config differs:\n" + "\n".join(refused) + "\nResume with the run's own config (that file), or "
             f"start a new run in another output_dir. A resumed run may change only {', '.join(FREE)}, and grow "
-            f"train.max_steps when train.schedule is constant.")
+            f"train.max_steps (with the schedule settings) when the learning rate of every step it was started "
+            f"for stays the same: schedules constant, infinite and inverse_sqrt, warm-up in steps, annealing "
+            f"over the added steps only.")
     record = copy.deepcopy(now)
     for key in KEPT:
         section, name = key.split(".")
@@ -142,7 +175,8 @@ def check_not_finished(run_dir: Path, max_steps: int) -> None:
         return
     ran = f"{steps} steps" if isinstance(steps, int) else "its steps"
     raise ResumeError(f"{run_dir} is already finished: it ran {ran} and wrote report.json; nothing to resume. "
-                      f"To train longer, resume with a larger train.max_steps (train.schedule constant only); "
+                      f"To train longer, resume with a larger train.max_steps (schedules constant, infinite and "
+                      f"inverse_sqrt); "
                       f"to train again, start a new run in another output_dir (or replace this one with --overwrite).")
 
 

@@ -1,0 +1,127 @@
+"""The ``head_classification`` task: the class a classification head (objective ``classify``) predicts.
+
+Unlike ``classification`` (which scores label words with the LM head), this reads the linear head an adapter
+trained with objective ``classify`` carries, with its pooling and causal-mask removal, and reports accuracy and
+macro-F1 (the unweighted mean over the classes of F1 = 2 P R / (P + R); a class never predicted nor present
+counts 0 only when it is present or predicted, as scikit-learn's ``f1_score(average="macro")`` with the labels
+that occur), per-class F1 and the confusion counts; regression heads report MSE and MAE. Each text is tokenized
+as training tokenizes a classification row with ``data.add_eos: true`` (the default): the tokenizer's own
+leading special tokens, the text, EOS; texts longer than ``max_length`` keep their first tokens.
+
+A model without such a head (the base model, evaluated before training) gets null metrics and a note.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lmadapt.decoding.scoring import right_pad
+from lmadapt.errors import DataError, LmadaptError
+from lmadapt.evaluation.config import EvalConfig
+from lmadapt.evaluation.examples import progress_bar, string_problem
+from lmadapt.evaluation.registry import EvalTask, register_task
+from lmadapt.models.tree import model_device
+from lmadapt.objectives.classify import HEAD, Classify, ScoreHead
+
+
+def head_logits(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], *, max_length: int = 1024,
+                batch_size: int = 4, progress: bool | None = None) -> torch.Tensor:
+    """(N, C) float32 logits of the model's classification head for ``texts`` (see the module docstring)."""
+    from lmadapt.data.tokens import special_prefix
+
+    head = getattr(model, HEAD, None)
+    if not isinstance(head, ScoreHead):
+        raise LmadaptError("the model carries no classification head: load an adapter trained with objective "
+                           "classify")
+    objective = Classify(head.classify_config)
+    prefix, eos = special_prefix(tokenizer), tokenizer.eos_token_id
+    rows = [(prefix + tokenizer(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else []))
+            [:max_length] for t in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = torch.empty(len(rows), head.out_features)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths share a batch
+    for start in progress_bar(range(0, len(order), batch_size), "head_classification", progress, unit="batches"):
+        chunk = order[start:start + batch_size]
+        ids, mask = right_pad([rows[i] for i in chunk], model_device(model), pad)
+        out[chunk] = objective.logits(model, {"input_ids": ids, "attention_mask": mask}).float().cpu()
+    return out
+
+
+def f1_scores(gold: list[int], predicted: list[int], classes: list[int]) -> dict[int, float]:
+    """Per-class F1 = 2 TP / (2 TP + FP + FN) (0 when the class is neither present nor predicted)."""
+    out = {}
+    for c in classes:
+        tp = sum(g == c and p == c for g, p in zip(gold, predicted))
+        fp = sum(g != c and p == c for g, p in zip(gold, predicted))
+        fn = sum(g == c and p != c for g, p in zip(gold, predicted))
+        out[c] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return out
+
+
+def _gold(rows: list[dict[str, Any]], names: list[str], n_classes: int) -> list[int]:
+    out, problems = [], []
+    for i, row in enumerate(rows):
+        label = row["label"]
+        if isinstance(label, str) and label in names:
+            out.append(names.index(label))
+        elif isinstance(label, int) and not isinstance(label, bool) and 0 <= label < n_classes:
+            out.append(label)
+        else:
+            known = f"one of {names}" if names else f"a class index 0 to {n_classes - 1}"
+            problems.append(f"example {i}: field 'label': {label!r} is not {known}")
+    if problems:
+        raise DataError(problems, hint="Fix these rows of the evaluation data.")
+    return out
+
+
+def _run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], cfg: EvalConfig,
+         progress: bool | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    head = getattr(model, HEAD, None)
+    if not isinstance(head, ScoreHead):
+        note = "the model carries no classification head (e.g. the base model before training)"
+        return ({"accuracy": None, "macro_f1": None, "n": len(rows), "note": note},
+                [{"prediction": None, "gold": row["label"], "score": None, "correct": None} for row in rows])
+    config = head.classify_config
+    logits = head_logits(model, tokenizer, [row["text"] for row in rows], max_length=cfg.max_length,
+                         batch_size=cfg.batch_size, progress=progress)
+    if config.problem == "regression":
+        values = logits[:, 0].tolist()
+        gold_values = [float(row["label"]) for row in rows]
+        err = [v - g for v, g in zip(values, gold_values)]
+        preds = [{"prediction": v, "gold": g, "score": v, "correct": None} for v, g in zip(values, gold_values)]
+        return {"mse": sum(e * e for e in err) / len(err), "mae": sum(map(abs, err)) / len(err), "n": len(rows)}, preds
+    if config.problem != "single_label":
+        raise LmadaptError(f"head_classification: {config.problem} heads are not evaluated yet (single_label and "
+                           f"regression are)")
+    names = list(config.labels)
+    n_classes = logits.shape[1]
+    gold = _gold(rows, names, n_classes)
+    predicted = logits.argmax(-1).tolist()
+    name = (lambda c: names[c]) if names else (lambda c: c)
+    f1 = f1_scores(gold, predicted, sorted(set(gold) | set(predicted)))
+    confusion = {str(name(g)): {str(name(p)): 0 for p in range(n_classes)} for g in range(n_classes)}
+    for g, p in zip(gold, predicted):
+        confusion[str(name(g))][str(name(p))] += 1
+    correct = sum(g == p for g, p in zip(gold, predicted))
+    probs = logits.softmax(-1)
+    preds = [{"prediction": name(p), "gold": name(g), "score": float(probs[i, p]), "correct": p == g}
+             for i, (g, p) in enumerate(zip(gold, predicted))]
+    return {"accuracy": correct / len(rows), "macro_f1": sum(f1.values()) / len(f1), "correct": correct,
+            "n": len(rows), "per_class_f1": {str(name(c)): v for c, v in f1.items()}, "confusion": confusion}, preds
+
+
+def _label_problem(value: Any, row: Mapping[str, Any], cfg: EvalConfig | None) -> str | None:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return None
+    return string_problem(value)
+
+
+TASK = register_task(EvalTask(
+    name="head_classification", fields={"text": string_problem, "label": _label_problem},
+    reads=("max_length", "batch_size"), run=_run,
+    summary="the class predicted by the classification head of an adapter trained with objective classify"))
