@@ -272,6 +272,26 @@ def test_model_special_rows_padding_and_forward(toks):
     assert logits.shape == (1, ids.shape[1], rows) and torch.isfinite(logits).all()
 
 
+def test_keep_shared_keeps_the_instruct_rows_of_shared_tokens_and_projects_only_the_new(toks):
+    old, new = toks
+    base, instruct, donor = _models(old, new)
+    E_I = {k: m.weight.clone() for k, m in (("input", instruct.get_input_embeddings()),
+                                            ("output", instruct.get_output_embeddings()))}
+    projected, _ = propagate(base, copy.deepcopy(instruct), donor, old, new)
+    model, report = propagate(base, instruct, donor, old, new, keep_shared=True)
+    old_vocab = old.get_vocab()
+    shared = {i: old_vocab[t] for t, i in new.get_vocab().items() if t in old_vocab and i not in new.added_tokens_decoder}
+    assert report.shared_rows_kept == len(shared) > 64 and report.special_rows_copied == 3
+    fresh = [i for i in _plain_rows(old, new).tolist() if i not in shared]
+    assert fresh, "the new tokenizer must hold tokens the old one lacks"
+    for key, W, P in (("input", model.get_input_embeddings().weight, projected.get_input_embeddings().weight),
+                      ("output", model.get_output_embeddings().weight, projected.get_output_embeddings().weight)):
+        new_ids, old_ids = torch.tensor(list(shared)), torch.tensor(list(shared.values()))
+        assert torch.equal(W[new_ids], E_I[key][old_ids])  # bit for bit the instruct model's own rows
+        assert not torch.equal(P[new_ids], E_I[key][old_ids])  # which plain conversion only approximates
+        assert torch.equal(W[fresh], P[fresh])  # the new tokens: E_D P, as without keep_shared
+
+
 def test_tied_model_writes_one_matrix(toks):
     old, new = toks
     base, instruct, donor = _models(old, new, tied=True)

@@ -72,6 +72,9 @@ def add_parser(sub: Any) -> None:
     lep.add_argument("--donor", required=True, help="the base adapted to the new tokenizer")
     lep.add_argument("--mode", choices=LEP_MODES, default="conversion", help="default conversion")
     lep.add_argument("--averaging", choices=LEP_AVERAGING, default="mean", help="subtoken averaging (default mean)")
+    lep.add_argument("--keep-shared", action="store_true",
+                     help="tokens both vocabularies hold keep the instruct model's own rows; only the new ones are "
+                          "projected (not in the paper; exact for an expansion whose donor trained only new rows)")
     for q in (ex, tr, lep):
         q.add_argument("--output", required=True, help="folder for the new model")
         q.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
@@ -259,7 +262,8 @@ def _propagate(args: argparse.Namespace) -> int:
         raise _vocab_error(f"--instruct {args.instruct} has another vocabulary than --base {args.base}; LEP needs the "
                              "instruct variant of this very base (same tokenizer)")
     _say(args, f"propagating ({args.mode})")
-    model, rep = propagate(base, instruct, donor, old_tok, new_tok, mode=args.mode, averaging=args.averaging)
+    model, rep = propagate(base, instruct, donor, old_tok, new_tok, mode=args.mode, averaging=args.averaging,
+                           keep_shared=args.keep_shared)
     tokenizer = instruct_tokenizer(new_tok, instruct_tok)
     remapped = remap_config_ids(model, instruct_tok, tokenizer)
     names = {k: model_display_name(getattr(args, k)) for k in ("base", "instruct", "donor")}
@@ -273,7 +277,8 @@ def _propagate(args: argparse.Namespace) -> int:
     print(f"propagated the vocabulary of {names['donor']} ({rep.tokens} tokens, {rep.rows} rows) into "
           f"{names['instruct']} by LEP {rep.mode}: relative fit residual {fit} over {rep.fit_rows} rows")
     missing = f"; not in the old tokenizer: {rep.special_tokens_missing}" if rep.special_tokens_missing else ""
-    print(f"{rep.special_rows_copied} special/added token row(s) kept from the instruct model{missing}; "
+    kept = f" and {rep.shared_rows_kept} shared token row(s)" if args.keep_shared else ""
+    print(f"{rep.special_rows_copied} special/added token row(s){kept} kept from the instruct model{missing}; "
           f"{rep.empty_encodings} token(s) the old tokenizer cannot spell (zero rows)")
     print(f"model written to {args.output} (report: {LEP_REPORT})")
     return 0

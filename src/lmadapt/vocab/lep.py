@@ -14,6 +14,10 @@ adapted to a new tokenizer (embedding init, then continued pretraining of mainly
 
 Modes: ``"conversion"`` (the default above), ``"straight"`` (``P = I``: swap in the donor's rows) and
 ``"union"`` (``P`` fitted only on the tokens that both vocabularies share).
+
+``keep_shared`` (not in the paper): the tokens both vocabularies hold (same string) keep the instruct model's own
+rows and only the others are projected. For a vocabulary *expansion* whose donor trained only the new rows, the
+shared rows of ``E_D`` are ``E_B``'s, and ``E_B P`` only approximates ``E_I``; keeping ``E_I`` is exact there.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class LEPReport:
     special_rows_copied: int = 0  # special/added tokens given their old instruct rows
     special_tokens_copied: list[str] = field(default_factory=list)
     special_tokens_missing: list[str] = field(default_factory=list)  # added tokens absent from the old tokenizer
+    shared_rows_kept: int = 0  # keep_shared: rows of tokens both vocabularies hold, kept from the instruct model
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -244,6 +249,14 @@ def _special_pairs(old_tokenizer: Any, new_tokenizer: Any) -> tuple[list[tuple[i
     return pairs, missing
 
 
+def _shared_pairs(old_tokenizer: Any, new_tokenizer: Any, specials: list[tuple[int, int, str]]
+                  ) -> list[tuple[int, int, str]]:
+    """``(new id, old id, token)`` of the ordinary tokens both vocabularies hold (special ones are in ``specials``)."""
+    old_vocab, done = old_tokenizer.get_vocab(), {p[0] for p in specials}
+    return [(i, old_vocab[t], t) for t, i in sorted(new_tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+            if t in old_vocab and i not in done]
+
+
 def _matrices(base: Any, instruct: Any, donor: Any, new_tokenizer: Any) -> tuple[dict[str, tuple], bool]:
     """The ``(E_B, E_I, E_D)`` triple of each matrix to write (``"input"``, and ``"output"`` unless the instruct
     model ties them), after checking that the three models fit together."""
@@ -280,7 +293,8 @@ def _matrices(base: Any, instruct: Any, donor: Any, new_tokenizer: Any) -> tuple
 
 @torch.no_grad()
 def propagate(base_model: Any, instruct_model: Any, donor_model: Any, old_tokenizer: Any, new_tokenizer: Any, *,
-              mode: str = "conversion", averaging: str = "mean") -> tuple[Any, LEPReport]:
+              mode: str = "conversion", averaging: str = "mean", keep_shared: bool = False
+              ) -> tuple[Any, LEPReport]:
     """Give ``instruct_model`` the donor's learned vocabulary by LEP (arXiv:2412.21140): ``E_I_new = E_D P``.
 
     ``base_model``/``instruct_model`` use ``old_tokenizer``; ``donor_model`` is the base adapted to
@@ -288,7 +302,8 @@ def propagate(base_model: Any, instruct_model: Any, donor_model: Any, old_tokeni
     model ties them) on subtoken-averaged base and instruct rows (:func:`propagate_matrices`). The instruct model
     is changed in place and returned, resized to the donor's row count (``config.vocab_size`` follows); special
     and added tokens that the old tokenizer also has get their old instruct rows; rows past the new tokenizer's
-    ids (the donor's padding to a multiple) are zero.
+    ids (the donor's padding to a multiple) are zero. ``keep_shared``: tokens both tokenizers hold (same string)
+    keep their instruct rows too, so only the new tokens are projected (see the module docstring).
     """
     _check_mode(mode)
     _check_averaging(averaging)
@@ -298,14 +313,15 @@ def propagate(base_model: Any, instruct_model: Any, donor_model: Any, old_tokeni
     A, empty = averaging_matrix(old_tokenizer, new_tokenizer, mode=averaging, rows=n_rows, columns=n_old)
     shared = shared_token_rows(old_tokenizer, new_tokenizer) if mode == "union" else None
     pairs, missing = _special_pairs(old_tokenizer, new_tokenizer)
-    new_ids = torch.tensor([p[0] for p in pairs], dtype=torch.long)
-    old_ids = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+    copied = pairs + (_shared_pairs(old_tokenizer, new_tokenizer, pairs) if keep_shared else [])
+    new_ids = torch.tensor([p[0] for p in copied], dtype=torch.long)
+    old_ids = torch.tensor([p[1] for p in copied], dtype=torch.long)
     new_weights: dict[str, Tensor] = {}
     residuals: dict[str, float] = {}
     for name, (E_B, E_I, E_D) in triples.items():
         E_new, _, residuals[name] = propagate_matrices(E_B, E_I, E_D, A, mode=mode, shared_rows=shared)
         E_new[n_tokens:] = 0
-        if pairs:
+        if copied:
             E_new[new_ids.to(E_new.device)] = E_I[old_ids.to(E_I.device)].to(E_new.device)
         new_weights[name] = E_new
     instruct_model.resize_token_embeddings(n_rows, mean_resizing=False)
@@ -317,5 +333,6 @@ def propagate(base_model: Any, instruct_model: Any, donor_model: Any, old_tokeni
         fit_rows=int(shared.numel()) if shared is not None else n_tokens - len(empty), residuals=residuals,
         empty_encodings=len(empty), special_rows_copied=len(pairs),
         special_tokens_copied=[p[2] for p in pairs], special_tokens_missing=missing,
+        shared_rows_kept=len(copied) - len(pairs),
     )
     return instruct_model, report
