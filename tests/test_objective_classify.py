@@ -351,7 +351,7 @@ def run_config(tmp_path, tiny_model_dir, name="run", method=None, **train_fields
 def test_a_few_lora_steps_learn_a_separable_task(tmp_path, tiny_model_dir):
     result = train(run_config(tmp_path, tiny_model_dir), progress=False)
     before, after = result.evals_before[0], result.evals_after[0]
-    assert before["accuracy"] is None and "no classification head" in before["note"]  # the base model has no head
+    assert before["accuracy"] is None and "no sequence classification head" in before["note"]  # the base model has no head
     assert after["accuracy"] >= 0.9 and after["macro_f1"] >= 0.9  # chance: 1/3
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     accuracy = [r["classify/accuracy"] for r in records if "classify/accuracy" in r]

@@ -1,4 +1,5 @@
-"""Run records: metrics to ``metrics.jsonl`` (and TensorBoard when installed), the loss-curve PNG."""
+"""Run records: metrics to ``metrics.jsonl`` (and TensorBoard when installed), the loss-curve PNG, and the
+evaluation curves (target and retention sets over the steps) PNG."""
 
 from __future__ import annotations
 
@@ -80,6 +81,54 @@ def plot_loss(records: list[dict[str, Any]], path: str | Path, title: str = "",
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def plot_evals(records: list[dict[str, Any]], path: str | Path, roles: dict[str, str], title: str = "",
+               metrics: dict[str, list[str]] | None = None) -> Path | None:
+    """The run's evaluations against the step, as a PNG: one panel per metric, a line per evaluation (target
+    sets solid, retention sets dashed), from the ``eval/<name>/<metric>`` records of ``metrics.jsonl`` (the
+    base model at step 0, the ``every`` points, the adapted model at the last step).
+
+    ``roles``: each evaluation's name -> ``target`` or ``retention``; ``metrics``: the metrics to draw for each
+    name (default: every top-level one the records hold)."""
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}  # metric -> name -> points
+    for r in records:
+        for key, value in r.items():
+            kind, _, rest = key.partition("/")
+            name, _, metric = rest.rpartition("/")
+            if kind != "eval" or name not in roles or not isinstance(value, (int, float)) or "[" in metric:
+                continue
+            if metrics is None or metric in metrics.get(name, ()):
+                curves.setdefault(metric, {}).setdefault(name, []).append((r["step"], value))
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), dpi=110, squeeze=False)
+    for ax, (metric, lines) in zip(axes[0], curves.items()):
+        for name, points in sorted(lines.items(), key=lambda kv: (roles[kv[0]] != "target", kv[0])):
+            steps, values = zip(*sorted(points))
+            retention = roles[name] == "retention"
+            same_role = sorted(n for n in lines if roles[n] == roles[name])
+            colour = (_RETENTION if retention else _TARGET)[same_role.index(name) % len(_TARGET)]
+            ax.plot(steps, values, "s--" if retention else "o-", color=colour, label=f"{name} ({roles[name]})")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(metric)
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title or "lmadapt evaluations")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+_TARGET = ("#08519c", "#3182bd", "#6baed6", "#2171b5")  # blues: the domain trained for
+_RETENTION = ("#d94801", "#f16913", "#a63603", "#fd8d3c")  # oranges: what should be kept
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:

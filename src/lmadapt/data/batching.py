@@ -18,6 +18,9 @@ per row without packing). Three modes:
 Preference pairs (``dataset.paired``) are planned as units (a pair's length is its longer sequence), so a pair
 is never split between batches or processes: a plan row is the pair (2k, 2k + 1), and :meth:`Batcher.collate`
 makes it two rows, every chosen sequence first, then the rejected ones in the same order. They are not packed.
+
+Tagging data (``dataset.tag_names``) are not packed either; their labels are tag indices per token, collated
+as they are (no position is masked for a causal shift).
 """
 
 from __future__ import annotations
@@ -82,6 +85,14 @@ def sequence_labels(targets: list[Any]) -> torch.Tensor:
     return torch.tensor(targets, dtype=torch.long)
 
 
+def _padded(rows: list[list[int]], width: int) -> torch.Tensor:
+    """(B, width) int64, each row right-padded with -100."""
+    out = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for b, row in enumerate(rows):
+        out[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
 class Batcher:
     """Deterministic batching and collation of a tokenized dataset; see the module docstring."""
 
@@ -100,6 +111,9 @@ class Batcher:
         if packing and getattr(dataset, "targets", None):
             raise ValueError("classification examples cannot be packed (each row carries one label); use "
                              "data.batching length_grouped or padded")
+        self.tagged = bool(getattr(dataset, "tag_names", None))
+        if packing and self.tagged:
+            raise ValueError("tagging examples cannot be packed; use data.batching length_grouped or padded")
         too_long = [i for i, n in enumerate(self.lengths) if n > max_length]
         if packing and too_long:
             raise ValueError(f"example {too_long[0]} has {self.lengths[too_long[0]]} tokens, more than "
@@ -143,7 +157,9 @@ class Batcher:
         A bare index in ``batch`` is a row of one example. Paired data: each row of ``batch`` is a pair, collated as
         every pair's chosen sequence, then every rejected one in the same order, and ``pairs`` holds their number.
         Classification data (``dataset.targets``): ``labels`` is one label per sequence (:func:`sequence_labels`),
-        and ``sequence_labels`` is True.
+        and ``sequence_labels`` is True. Tagging data (``dataset.tag_names``): ``labels`` (B, L) is the tag index at
+        each word's first sub-token, ``later_labels`` (B, L) at its other sub-tokens (-100 elsewhere), and
+        ``token_labels`` is True.
         """
         rows = self._rows(batch)
         used = [sum(self.lengths[i] for i in row) for row in rows]
@@ -174,6 +190,10 @@ class Batcher:
             out["task_ids"] = task_ids
         if self.paired:
             out["pairs"] = len(rows) // 2
+        if self.tagged:  # tag indices per token, first positions included (no causal shift)
+            out["labels"], out["later_labels"] = (_padded([seq[i] for [i] in rows], width)
+                                                  for seq in (self.dataset.labels, self.dataset.later_labels))
+            out["token_labels"] = True
         if getattr(self.dataset, "targets", None):  # classification: one label per sequence, not per token
             out["labels"] = sequence_labels([self.dataset.targets[row[0]] for row in rows])
             out["sequence_labels"] = True

@@ -9,7 +9,9 @@ from lmadapt.config import option
 from lmadapt.data.readers import unpaired_surrogate
 from lmadapt.data.templates import chat_template_problem
 
-Format = Literal["auto", "text", "prompt_completion", "instruction", "chat", "preference", "classification"]
+Format = Literal["auto", "text", "prompt_completion", "instruction", "chat", "preference", "classification",
+                 "tagging"]
+LABELLED_FORMATS = ("preference", "classification", "tagging")  # rows that are not next-token text
 
 
 @dataclass
@@ -40,7 +42,7 @@ class ReplayConfig:
                             "e.g. 0.05 for a weak shift, 0.25 for a new language")
         elif self.share > 0 and not self.train:
             problems.append("train: share > 0 but no replay files; give them, e.g. data.replay.train=[old.jsonl]")
-        if self.format in ("preference", "classification"):
+        if self.format in LABELLED_FORMATS:
             problems.append(f"format: {self.format} rows are not next-token text; replay takes text, "
                             f"prompt_completion, instruction or chat rows")
         return problems
@@ -61,15 +63,23 @@ class DataConfig:
     format: Format = option(
         "auto", "Row format. auto: from the first row's keys (messages -> chat, prompt+chosen+rejected -> "
                 "preference, prompt+completion -> prompt_completion, instruction+output -> instruction, "
-                "text -> text). preference: pairs for objective dpo. classification: text_field + label_field "
-                "rows for objective classify (never auto-detected).")
+                "text -> text, tokens+tags -> tagging). preference: pairs for objective dpo. classification: "
+                "text_field + label_field rows for objective classify (never auto-detected). tagging: a list of "
+                "words and a list of BIO tags per row, for objective tag.")
     text_field: str = option("text", "Key of the raw text (formats text and classification).")
     label_field: str = option(
         "label", "Key of the label (format classification): a name from data.labels or a class index; a list of "
                  "them for multi-label rows; a number for regression.")
     labels: list[str] = option(
         [], "Class names, in index order (format classification): a row's string label must be one of them and "
-            "becomes its index. Give objective.labels the same list (a YAML anchor writes it once).")
+            "becomes its index. Give objective.labels the same list (a YAML anchor writes it once). Format "
+            "tagging: the tag set (O, B-<type>, I-<type>); empty: collected from the training rows (O, then B- and "
+            "I- of each type in sorted order; the report and the adapter record it).")
+    tokens_field: str = option("tokens", "Key of the list of words (format tagging).")
+    tags_field: str = option("tags", "Key of the list of BIO tags, one per word (format tagging).")
+    word_separator: str = option(
+        " ", "Format tagging: what goes between two words when they are tokenized (each word is tokenized on "
+             "its own, with the separator before every word but the first); \"\" for Chinese or Japanese.")
     prompt_field: str = option("prompt", "Key of the prompt (formats prompt_completion and preference).")
     completion_field: str = option("completion", "Key of the completion (format prompt_completion).")
     instruction_field: str = option("instruction", "Key of the instruction (format instruction).")
@@ -135,7 +145,7 @@ class DataConfig:
             problems.append(f"chat_template: {problem}")
         if self.use_chat_template and self.format == "text":
             problems.append("use_chat_template: has no effect with format=text (raw documents).")
-        if self.replay.train and (self.train_tasks or self.format in ("preference", "classification")):
+        if self.replay.train and (self.train_tasks or self.format in LABELLED_FORMATS):
             what = "train_tasks" if self.train_tasks else f"format {self.format}"
             problems.append(f"replay: replay mixes next-token rows into the batches, which {what} cannot take; drop "
                             f"data.replay or {what}")
@@ -144,8 +154,24 @@ class DataConfig:
         if self.format == "classification" and self.batching == "packed":
             problems.append("batching: packed puts several examples in one row, but classification gives every "
                             "row one label; use length_grouped or padded")
+        if self.format == "tagging":
+            problems += self.tagging_problems()
         if len(set(self.labels)) != len(self.labels):
             problems.append(f"labels: names must be distinct, got {self.labels}")
+        return problems
+
+    def tagging_problems(self) -> list[str]:
+        """What contradicts tagging rows (checked for ``format: tagging``, and when auto-detected)."""
+        from lmadapt.data.tagging import tag_problem
+
+        problems = []
+        if self.batching == "packed":
+            problems.append("batching: packed puts several examples in one row, which tagging does not support "
+                            "(the unmasked layers of objective tag would see across them); use length_grouped or "
+                            "padded")
+        bad = [f"{tag!r} ({problem})" for tag in self.labels if (problem := tag_problem(tag))]
+        if bad:
+            problems.append(f"labels: format tagging takes BIO tags: {'; '.join(bad)}")
         return problems
 
     def preference_problems(self) -> list[str]:

@@ -8,7 +8,8 @@ Length policy: a raw-text document longer than ``max_length`` is cut into consec
 ``max_length`` tokens (nothing lost); any other example is truncated on the right or left, or dropped
 (``truncation``). A truncated example with no trained token left is dropped too. A preference pair becomes two
 sequences, chosen then rejected, at consecutive indices (``TokenizedDataset.paired``); it is kept whole or dropped
-whole.
+whole. A tagging row (:mod:`lmadapt.data.tagging`) is truncated on the right or left or dropped, never chunked,
+and its labels are tag indices at word starts, not next tokens.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Literal
 from lmadapt.data.config import DataConfig, ReplayConfig
 from lmadapt.data.formats import Example, build_examples, detect_format
 from lmadapt.data.readers import ReadResult, expand_patterns, read_files
+from lmadapt.data.tagging import align_tags, collect_tags, tokenize_words
 from lmadapt.data.tokens import (
     IGNORE,
     RowProblem,
@@ -39,7 +41,9 @@ class TokenizedDataset:
     """Token rows ready for batching: ``input_ids[i]`` and ``labels[i]`` (-100: no loss) of example i, and its
     task id ``tasks[i]`` when ``data.train_tasks`` gives them (``tasks`` is empty otherwise). ``paired``:
     preference pairs, example 2k the chosen and 2k + 1 the rejected sequence of pair k. ``targets[i]``: the label
-    of example i for classification (a class index, a tuple of them, or a number; empty for other formats)."""
+    of example i for classification (a class index, a tuple of them, or a number; empty for other formats).
+    Tagging: ``tag_names`` is the tag set, ``labels[i]`` holds tag indices at each word's first sub-token (not
+    token ids) and ``later_labels[i]`` those of the other sub-tokens (:func:`lmadapt.data.tagging.align_tags`)."""
 
     input_ids: list[list[int]] = field(default_factory=list)
     labels: list[list[int]] = field(default_factory=list)
@@ -47,6 +51,8 @@ class TokenizedDataset:
     tasks: list[int] = field(default_factory=list)
     paired: bool = False
     targets: list[Any] = field(default_factory=list)
+    tag_names: list[str] = field(default_factory=list)
+    later_labels: list[list[int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -83,6 +89,8 @@ class DataReport:
     tokens: int = 0
     trainable_tokens: int = 0
     max_length: int = 0
+    tags: list[str] = field(default_factory=list)  # format tagging: the tag set, in index order
+    tags_from_rows: bool = False  # format tagging: the tag set was collected from the training rows
     skipped: list[str] = field(default_factory=list)
     empty_files: list[str] = field(default_factory=list)
 
@@ -93,6 +101,9 @@ class DataReport:
         text = (f"Data ({self.format}): read {self.rows_read:,} rows from {self.files} file(s); "
                 f"{self.train_examples:,} training{val} {unit}, {self.tokens:,} tokens of which "
                 f"{self.trainable_tokens:,} carry loss.")
+        if self.tags:
+            where = "collected from the training rows" if self.tags_from_rows else "data.labels"
+            text += f" Tags ({where}): {', '.join(self.tags)}."
         if self.empty_files:
             more = ", ..." if len(self.empty_files) > 3 else ""
             text += f" {len(self.empty_files)} file(s) held no rows: {', '.join(self.empty_files[:3])}{more}."
@@ -155,6 +166,8 @@ def _examples(read: ReadResult, key: str, cfg: DataConfig, problems: list[str]) 
         return [], "unknown"
     if fmt == "preference" and cfg.format == "auto":  # format: preference was checked with the config
         read.file_problems += [f"data.{p} (the rows of {key} are preference pairs)" for p in cfg.preference_problems()]
+    if fmt == "tagging" and cfg.format == "auto":
+        read.file_problems += [f"data.{p} (the rows of {key} are tagging rows)" for p in cfg.tagging_problems()]
     examples, found = build_examples(read.records, fmt, cfg)
     problems += read.row_problems + found
     return examples, fmt
@@ -186,6 +199,9 @@ def _tokenize(examples: list[Example], tokenizer: Any, cfg: DataConfig, report: 
     prefix = special_prefix(tokenizer)
     out = TokenizedDataset(paired=any(e.rejected is not None for e in examples))
     for example in examples:
+        if example.words:
+            _add_tagged(out, example, tokenizer, cfg, prefix, report)
+            continue
         try:
             ids, labels = tokenize_example(example, tokenizer, cfg, prefix)
             if example.rejected is not None:
@@ -206,6 +222,39 @@ def _tokenize(examples: list[Example], tokenizer: Any, cfg: DataConfig, report: 
     return out
 
 
+def _add_tagged(out: TokenizedDataset, example: Example, tokenizer: Any, cfg: DataConfig, prefix: list[int],
+                report: DataReport) -> None:
+    """A tagging example, tokenized word by word and cut to ``max_length`` (right, left, or dropped)."""
+    out.tag_names = list(cfg.labels)
+    ids, word_of = tokenize_words(tokenizer, list(example.words), cfg.word_separator, prefix)
+    labels, later = align_tags(word_of, list(example.tags), cfg.labels)
+    n, limit = len(ids), cfg.max_length
+    if n > limit:
+        keep = slice(0, limit) if cfg.truncation == "right" else slice(n - limit, n)
+        if cfg.truncation == "drop" or all(label == IGNORE for label in labels[keep]):
+            report.examples_dropped += 1
+            return
+        ids, labels, later = ids[keep], labels[keep], later[keep]
+        report.examples_truncated += 1
+        report.tokens_truncated += n - limit
+    out.add(example.source, ids, labels)
+    out.later_labels.append(later)
+
+
+def _settle_tags(cfg: DataConfig, reads: dict[str, ReadResult], train_key: str) -> tuple[DataConfig, bool]:
+    """``cfg`` with ``data.labels`` collected from the training rows when they are tagging rows and it is empty
+    (the training files are read for it when only validation is loaded), and whether it was collected."""
+    read = reads.get(train_key)
+    if cfg.labels or (cfg.format not in ("auto", "tagging")):
+        return cfg, False
+    if read is None:
+        read = _read(cfg.train, train_key, cfg) if cfg.train else reads.get("data.validation")
+    if read is None or (cfg.format == "auto" and detect_format(read.records, cfg) != "tagging"):
+        return cfg, False
+    tags = collect_tags(record.data.get(cfg.tags_field) for record in read.records)
+    return dataclasses.replace(cfg, labels=tags), True
+
+
 def _load(cfg: DataConfig, tokenizer: Any, *, train: bool, validation: bool,
           train_key: str = "data.train") -> tuple[TokenizedDataset, TokenizedDataset | None, DataReport]:
     """Read, check, split and tokenize; raise on unreadable files, and on bad rows unless skip_bad_rows.
@@ -218,6 +267,7 @@ def _load(cfg: DataConfig, tokenizer: Any, *, train: bool, validation: bool,
     if validation and cfg.validation:
         reads["data.validation"] = _read(cfg.validation, "data.validation", cfg)
     problems: list[str] = []
+    cfg, collected = _settle_tags(cfg, reads, train_key)
     examples = {key: _examples(read, key, cfg, problems) for key, read in reads.items()}
     _raise_for_files(reads, problems)
     if train and not reads[train_key].rows_read:
@@ -242,6 +292,8 @@ def _load(cfg: DataConfig, tokenizer: Any, *, train: bool, validation: bool,
     if problems and not cfg.skip_bad_rows:
         raise DataError(problems)
     report.format = ", ".join(sorted({fmt for _, fmt in examples.values()}))
+    if report.format == "tagging":
+        report.tags, report.tags_from_rows = list(cfg.labels), collected
     report.files = sum(len(read.files) for read in reads.values())
     report.empty_files = [path for read in reads.values() for path in read.empty]
     report.rows_read = sum(read.rows_read for read in reads.values())
@@ -322,7 +374,7 @@ def load_replay(cfg: DataConfig, tokenizer: Any) -> tuple[TokenizedDataset, Data
         raise ConfigError(["data.replay.train: no replay files given"])
     replay_set, _, report = _load(replay_config(cfg), tokenizer, train=True, validation=False,
                                   train_key="data.replay.train")
-    if replay_set.paired or replay_set.targets:
+    if replay_set.paired or replay_set.targets or replay_set.tag_names:
         raise ConfigError([f"data.replay.format: the replay rows are {report.format} rows, not next-token text; "
                            f"replay takes text, prompt_completion, instruction or chat rows"])
     if not len(replay_set):

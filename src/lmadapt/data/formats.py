@@ -5,7 +5,8 @@ instruction, raw text), or ``messages`` of a conversation that the tokenizer's c
 preference row is one example (prompt + chosen response) whose ``rejected`` is a second one (the same prompt +
 the rejected response).
 A classification row is one example of its text whose ``target`` is its label (a class index, class indices,
-or a number).
+or a number). A tagging row is one example of its ``words``, whose ``tags`` are their tag indices
+(:mod:`lmadapt.data.tagging`).
 
 Plain prompts for instruction rows (without ``use_chat_template``) use Alpaca-style headers::
 
@@ -51,6 +52,8 @@ class Example:
     document: bool = False
     rejected: Example | None = None
     target: int | float | tuple[int, ...] | None = None  # classification: class index, value, or class indices
+    words: tuple[str, ...] = ()  # tagging: the words, tokenized one by one (lmadapt.data.tagging)
+    tags: tuple[int, ...] = ()  # tagging: each word's tag, as its index in data.labels
 
 
 def detect_format(records: list[Record], cfg: DataConfig) -> str | None:
@@ -65,6 +68,8 @@ def detect_format(records: list[Record], cfg: DataConfig) -> str | None:
             return "prompt_completion"
         if cfg.instruction_field in keys and cfg.output_field in keys:
             return "instruction"
+        if cfg.tokens_field in keys and cfg.tags_field in keys:
+            return "tagging"
         if cfg.text_field in keys:
             return "text"
     return None
@@ -74,7 +79,7 @@ def build_examples(records: list[Record], fmt: str, cfg: DataConfig) -> tuple[li
     """One example per good record; for bad records, their problems (a record may have several)."""
     convert = {"text": _text, "prompt_completion": _prompt_completion, "instruction": _instruction,
                "chat": _chat, "preference": _preference,
-               "classification": _classification}[fmt]
+               "classification": _classification, "tagging": _tagging}[fmt]
     examples, problems = [], []
     for record in records:
         found: list[str] = []
@@ -133,6 +138,50 @@ def _classification(record: Record, cfg: DataConfig, found: list[str]) -> Exampl
     else:
         target = _class_index(value, key, cfg, found)
     return Example(record.source, segments=((text, True),), target=target)
+
+
+def _tagging(record: Record, cfg: DataConfig, found: list[str]) -> Example:
+    """The words, with their tags as indices into ``data.labels`` (settled: given, or collected from the training
+    rows). One tag per word, each a BIO tag of the tag set."""
+    from lmadapt.data.tagging import (
+        tag_problem,  # lazily: lmadapt.data.tagging imports lmadapt.data.tokens, which imports this module
+    )
+
+    words, tags = (_string_list(record, key, found) for key in (cfg.tokens_field, cfg.tags_field))
+    if words is None or tags is None:
+        return Example(record.source)
+    key = cfg.tags_field
+    if len(words) != len(tags):
+        found.append(f"field '{key}': {len(tags)} tags for {len(words)} words in '{cfg.tokens_field}'; give one tag "
+                     f"per word")
+    for i, word in enumerate(words):
+        if not word.strip():
+            found.append(f"field '{cfg.tokens_field}[{i}]': an empty word")
+    known = {name: k for k, name in enumerate(cfg.labels)}
+    for i, tag in enumerate(tags):
+        if problem := tag_problem(tag):
+            found.append(f"field '{key}[{i}]': {tag!r} is {problem}")
+        elif tag not in known:
+            found.append(f"field '{key}[{i}]': unknown tag {tag!r}; the tags are {list(cfg.labels)} (data.labels, or "
+                         f"those of the training rows when it is empty)")
+    return Example(record.source, words=tuple(words), tags=tuple(known.get(t, -1) for t in tags))
+
+
+def _string_list(record: Record, key: str, found: list[str]) -> list[str] | None:
+    """The non-empty list of strings under ``key``; None (with a problem naming the field) otherwise."""
+    value = record.data.get(key)
+    if key not in record.data or value is None:
+        found.append(_missing(key, record.data))
+        return None
+    if not isinstance(value, list) or not value:
+        found.append(f"field '{key}': expected a non-empty list of strings, got "
+                     f"{'an empty list' if isinstance(value, list) else type_name(value)}")
+        return None
+    bad = [f"field '{key}[{i}]': expected a string, got {type_name(v)}" for i, v in enumerate(value)
+           if not isinstance(v, str)]
+    bad += [p for i, v in enumerate(value) if isinstance(v, str) and (p := _surrogate_problem(f"{key}[{i}]", v))]
+    found += bad
+    return None if bad else value
 
 
 def _class_index(value: Any, key: str, cfg: DataConfig, found: list[str]) -> int:

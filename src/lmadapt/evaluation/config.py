@@ -1,13 +1,23 @@
-"""What one evaluation is: the ``evals:`` entry of a run config and the CLI's eval flags."""
+"""What one evaluation is: the ``evals:`` entry of a run config and the CLI's eval flags.
+
+In a run, an entry also says what it measures (``role``: the target domain, or a retention set that shows
+forgetting) and how often it runs during training (``every``); :func:`eval_names` names the run's entries
+in ``metrics.jsonl``, the report and the ``evals.png`` plot.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from lmadapt.config import option
 from lmadapt.evaluation.registry import get_task, unknown_task_problem
+
+RUN_SETTINGS = ("name", "role", "every")
+"""Settings of a run's ``evals:`` entry that every task takes: they say how the run uses the result."""
 
 
 @dataclass
@@ -22,6 +32,8 @@ class EvalConfig:
                                          "multiple_choice: index (0-based) or text of the right choice.")
     choices_field: str = option("choices", "multiple_choice: the field holding the list of choices.")
     label_field: str = option("label", "classification: the field holding the gold label.")
+    tokens_field: str = option("tokens", "tagging: the field holding the list of words.")
+    tags_field: str = option("tags", "tagging: the field holding the gold BIO tags, one per word.")
     completion_field: str = option("completion", "Training-format prompt/completion rows (generation, "
                                                  "classification, completion_loss): the completion field.")
     instruction_field: str = option("instruction", "Training-format instruction rows: the instruction field.")
@@ -42,6 +54,14 @@ class EvalConfig:
     batch_size: int = option(4, "Sequences per forward pass (perplexity windows, generation prompts, "
                                 "completion_loss examples).")
     max_examples: int | None = option(None, "Evaluate only the first N examples (null: all).")
+    name: str | None = option(None, "In a run: what metrics.jsonl (eval/<name>/<metric>), the report and "
+                                    "evals.png call this evaluation; null: its first data file's name without "
+                                    "the extension (e.g. en_heldout).")
+    role: Literal["target", "retention"] = option(
+        "target", "In a run: target (the domain trained for) or retention (what the model should keep, e.g. "
+                  "general text: a worse value after training is forgetting). The report lists the two apart.")
+    every: int = option(0, "In a run: also evaluate every N optimizer steps during training (0: only before "
+                           "and after); the values go to metrics.jsonl and the curves to evals.png.")
 
     def field_name(self, key: str) -> str:
         """The data's name for the task field ``key``: the ``<key>_field`` setting, or ``key`` itself."""
@@ -64,6 +84,11 @@ class EvalConfig:
             problems.append(f"max_length: must be >= 2, got {self.max_length}")
         if self.max_examples is not None and self.max_examples < 1:
             problems.append(f"max_examples: must be >= 1 or null, got {self.max_examples}")
+        if self.every < 0:
+            problems.append(f"every: must be >= 0 (0: only before and after training), got {self.every}")
+        if self.name is not None and not re.fullmatch(r"[^/\s]+", self.name):
+            problems.append(f"name: {self.name!r} must be non-empty, without '/' or spaces (it is part of the "
+                            f"metrics.jsonl key eval/<name>/<metric>)")
         if self.labels and len(set(self.labels)) != len(self.labels):
             problems.append(f"labels: duplicates in {self.labels}")
         unread = any(p.startswith("system_prompt:") for p in problems)  # said already
@@ -80,7 +105,35 @@ class EvalConfig:
                     f"task's file)"] if unknown else []
         for f in dataclasses.fields(self):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if f.name not in reads and getattr(self, f.name) != default:
+            if f.name not in reads and f.name not in RUN_SETTINGS and getattr(self, f.name) != default:
                 problems.append(f"{f.name}: task {self.task!r} does not read this setting; remove it "
                                 f"(the task reads: {', '.join(sorted(reads))})")
         return problems
+
+
+def eval_names(evals: list[EvalConfig]) -> list[str]:
+    """The name of each of a run's evaluations: its ``name``, else its first data file's stem (``data/en.txt`` ->
+    ``en``; the task for a glob), else, when two would share one, the stem and the task (``val-classification``),
+    else those and the position (``val-perplexity-2``)."""
+    def stem(e: EvalConfig) -> str:
+        first = Path(e.data[0]).stem if e.data else ""
+        return first if first and not re.search(r"[*?\[\]/\s]", first) else e.task
+    names = [e.name or stem(e) for e in evals]
+    for suffix in (lambda i, e: f"-{e.task}", lambda i, e: f"-{i}"):
+        names = [f"{n}{suffix(i, e)}" if e.name is None and names.count(n) > 1 else n
+                 for i, (n, e) in enumerate(zip(names, evals))]
+    return names
+
+
+def duplicate_name_problems(evals: list[EvalConfig]) -> list[str]:
+    """A problem for each ``name`` given to an earlier one of a run's evaluations too."""
+    first: dict[str, int] = {}
+    problems = []
+    for i, e in enumerate(evals):
+        if e.name is None:
+            continue
+        if e.name in first:
+            problems.append(f"evals[{i}].name: {e.name!r} is also the name of evals[{first[e.name]}]; give each "
+                            f"evaluation its own name")
+        first.setdefault(e.name, i)
+    return problems

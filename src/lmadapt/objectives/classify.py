@@ -42,32 +42,21 @@ from lmadapt.config import option
 from lmadapt.data.tokens import IGNORE
 from lmadapt.errors import LmadaptError
 from lmadapt.methods.base import ParamGroup
-from lmadapt.models.unmask import (
-    check_unmaskable,
-    num_layers,
-    resolve_layers,
-    unmask_layers,
-)
+from lmadapt.models.unmask import check_unmaskable
 from lmadapt.objectives.base import LossOutput, Objective, register_objective
 from lmadapt.objectives.causal_lm import forward_inputs
+from lmadapt.objectives.heads import (
+    HEAD,
+    HeadOptions,
+    ScoreHead,
+    attach_head,
+    head_group,
+    head_state,
+    load_head_state,
+)
 
-HEAD = "score"  # the head's attribute on the model (as transformers' LlamaForSequenceClassification names it)
 Problem = Literal["single_label", "multi_label", "regression"]
 Pooling = Literal["last", "mean", "max"]
-
-
-class ScoreHead(nn.Linear):
-    """``Linear(d, C, bias=False)`` with fp32 weights, computed in fp32 whatever the activations' dtype (it reads
-    B pooled vectors: nothing to gain from bf16, and bf16 logits would round the loss)."""
-
-    casts_own_parameters = True  # no autocast needed on its account (lmadapt.training.precision)
-
-    def __init__(self, hidden_size: int, num_labels: int, device: torch.device | None = None) -> None:
-        super().__init__(hidden_size, num_labels, bias=False, device=device, dtype=torch.float32)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.float(), self.weight.float())
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -123,7 +112,7 @@ def multi_hot(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
 
 
 @dataclass
-class ClassifyConfig:
+class ClassifyConfig(HeadOptions):  # + unmask_layers, unmask_last, head_lr_ratio (lmadapt.objectives.heads)
     problem: Problem = option("single_label", "single_label: cross-entropy over the classes; multi_label: "
                                               "binary cross-entropy per class (rows give lists of labels); "
                                               "regression: squared error of one output (rows give numbers).")
@@ -133,12 +122,6 @@ class ClassifyConfig:
                                 "label classes by index and no names are given.")
     pooling: Pooling = option("last", "last: the last real token's hidden state (LS-LLaMA); mean: the mean over "
                                       "the real tokens (LS-unLLaMA's default); max: the max of per-token logits.")
-    unmask_layers: Literal["none", "all"] | list[int] = option(
-        "none", "Decoder layers whose causal mask is removed (bidirectional attention, pads still masked): none, "
-                "all (LS-unLLaMA), or a list of layer indices (negative: from the end).")
-    unmask_last: int = option(0, "Also remove the causal mask in the last k decoder layers (\"Do Not (Always) "
-                                 "Look Right\": the layers near the output help most).")
-    head_lr_ratio: float = option(1.0, "The head's learning rate as a multiple of train.lr.")
 
     @property
     def outputs(self) -> int:
@@ -146,12 +129,6 @@ class ClassifyConfig:
         if self.num_labels:
             return self.num_labels
         return 1 if self.problem == "regression" else len(self.labels)
-
-    @property
-    def unmasks(self) -> bool:
-        """Whether any layer loses its causal mask."""
-        return self.unmask_layers == "all" or self.unmask_last > 0 or (
-            isinstance(self.unmask_layers, list) and bool(self.unmask_layers))
 
     def check(self) -> list[str]:
         problems = []
@@ -167,11 +144,7 @@ class ClassifyConfig:
         elif self.problem != "regression" and self.outputs < 2:
             problems.append(f"labels: {self.problem} needs at least 2 classes: list their names in labels "
                             f"(as in data.labels) or set num_labels")
-        if self.unmask_last < 0:
-            problems.append(f"unmask_last: must be >= 0, got {self.unmask_last}")
-        if self.head_lr_ratio <= 0:
-            problems.append(f"head_lr_ratio: must be > 0, got {self.head_lr_ratio}")
-        return problems
+        return problems + self.head_problems()
 
 
 @register_objective
@@ -200,19 +173,8 @@ class Classify(Objective):
         return problems
 
     def attach(self, model: nn.Module) -> None:
-        head = getattr(model, HEAD, None)
-        if not isinstance(head, ScoreHead):
-            if head is not None:
-                raise LmadaptError(f"the model already has a module named {HEAD!r} ({type(head).__name__}); the "
-                                   f"classify objective adds its head there: load a causal LM (…ForCausalLM)")
-            embeddings = model.get_input_embeddings().weight
-            head = ScoreHead(embeddings.shape[1], self.config.outputs, device=embeddings.device)
-            nn.init.normal_(head.weight, std=getattr(model.config, "initializer_range", 0.02))
-            head.train(model.training)
-            model.add_module(HEAD, head)
-        cfg = self.config
-        head.classify_config = cfg  # what evaluation needs to read the head (pooling, problem, class names)
-        unmask_layers(model, resolve_layers(cfg.unmask_layers, cfg.unmask_last, num_layers(model)))
+        head = attach_head(model, self.config.outputs, self.config, self.name)
+        head.classify_config = self.config  # what evaluation needs to read the head (pooling, problem, class names)
 
     def setup(self, model: nn.Module, tokenizer: Any, device: torch.device) -> None:
         self.attach(model)
@@ -256,19 +218,13 @@ class Classify(Objective):
                                "numbers; use problem: regression for them")
 
     def parameter_groups(self, model: nn.Module) -> list[ParamGroup]:
-        return [ParamGroup("classify_head", list(getattr(model, HEAD).parameters()),
-                           lr_scale=self.config.head_lr_ratio, weight_decay=0.0)]
+        return [head_group(model, "classify_head", self.config.head_lr_ratio)]
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {f"{HEAD}.weight": getattr(model, HEAD).weight.detach()}
+        return head_state(model)
 
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        head = getattr(model, HEAD)
-        weight = state[f"{HEAD}.weight"]
-        if weight.shape != head.weight.shape:
-            raise ValueError(f"{HEAD}.weight has shape {tuple(weight.shape)}, the head {tuple(head.weight.shape)}")
-        with torch.no_grad():
-            head.weight.copy_(weight)
+        load_head_state(model, state)
 
 
 def predict(model: nn.Module, objective: Classify, batch: dict[str, Any]) -> torch.Tensor:

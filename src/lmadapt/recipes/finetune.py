@@ -3,12 +3,15 @@
 The recipe over the one run (:class:`lmadapt.training.run.Run`): prepare the output folder -> load the model
 -> load and validate the data (training, validation, every evaluation's files, the ``init_adapter`` folder)
 -> method -> objective -> the loop -> save the adapter -> evaluate -> report. Nothing is written until the
-folder, the config and all of these inputs have passed their checks.
+folder, the config and all of these inputs have passed their checks. The ``evals:`` run on the base model
+before training, during it at their ``every`` steps, and on the adapted model after; target and retention
+sets are reported apart, and ``evals.png`` plots them over the steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +30,15 @@ from lmadapt.data.dataset import load_replay
 from lmadapt.data.replay import with_replay
 from lmadapt.data.tokens import set_chat_template, training_record
 from lmadapt.errors import AdapterError
-from lmadapt.evaluation.config import EvalConfig
+from lmadapt.evaluation.config import EvalConfig, duplicate_name_problems, eval_names
 from lmadapt.evaluation.examples import load_examples
-from lmadapt.evaluation.report import compare_table
+from lmadapt.evaluation.report import (
+    compare_table,
+    headline_metrics,
+    logged_metrics,
+    role_rows,
+    role_summary,
+)
 from lmadapt.evaluation.run import evaluate
 from lmadapt.methods import Method, build_method
 from lmadapt.methods.registry import METHODS
@@ -38,6 +47,7 @@ from lmadapt.models.loading import ModelConfig, load_model, model_display_name
 from lmadapt.models.tree import count_parameters
 from lmadapt.objectives.base import OBJECTIVES, build_objective
 from lmadapt.registry import config_with_sections
+from lmadapt.reporting import MetricsLog, plot_evals, read_metrics
 from lmadapt.training.config import TrainConfig
 from lmadapt.training.lae import OFFLINE_DIR, save_offline_adapter
 from lmadapt.training.loop import LoopResult
@@ -56,7 +66,8 @@ class RunConfig:
              "next-token loss on the tokens the data marks (SFT or raw text).")
     train: TrainConfig = option(default_factory=TrainConfig, help="Optimisation and the loop.")
     evals: list[EvalConfig] = option([], "Evaluations run on the base model before training and on the "
-                                         "adapted model after; their results form the before/after table.")
+                                         "adapted model after (and every N steps with every: N); their results "
+                                         "form the before/after table, target and retention sets apart.")
     init_adapter: str | None = option(
         None, "Start from the weights of this adapter folder (lmadapt or PEFT, same method, rank and target "
               "modules, trained on this base model) instead of a fresh initialisation, e.g. to continue "
@@ -75,6 +86,8 @@ def load_run_config(source: str | Path | dict[str, Any] | RunConfig,
     data, where = config_source(source, overrides)
     cfg, problems = config_with_sections(RunConfig, data, where, {
         "method": (METHODS, {"name": "lora"}), "objective": (OBJECTIVES, {"name": "causal_lm"})})
+    if cfg is not None:
+        problems += duplicate_name_problems(cfg.evals)
     if cfg is not None and not cfg.data.train:
         problems.append("data.train: required to train: give the training files or globs, "
                         "e.g. data.train=[train.jsonl]")
@@ -128,8 +141,9 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
     val_batcher = run.batcher(val_set, **batch) if val_set is not None and len(val_set) else None
 
     run.create(cfg)
+    names = eval_names(cfg.evals)
     evals_before = run.once(run.path / "evals_before.json",
-                            lambda: _evaluate_all(model, tokenizer, cfg, run, "before"))
+                            lambda: _log_evals(run, 0, names, _evaluate_all(model, tokenizer, cfg, run, "before")))
     run.apply_method(model, method, batcher)
     if init is not None:
         load_adapter_weights(model, method, init)
@@ -140,7 +154,7 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
     say(f"method {method.name}: {trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.3f}%)",
         run.dist)
     result = run.fit(model, method, objective, batcher, val_batcher, base_model=base_name, base_fingerprint=base_fp,
-                     progress=progress)
+                     progress=progress, step_evals=_during_training(model, tokenizer, cfg.evals, names, run))
 
     adapter_dir = run.path / "adapter"
     if run.dist.is_main:
@@ -154,17 +168,28 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
                                  export=True,
                                  tokenizer=tokenizer if method.changes_tokenizer else None,
                                  extra=training_record(cfg.data, data_report.format, tokenizer))
-    evals_after = _evaluate_all(model, tokenizer, cfg, run, "after")
+    evals_after = _log_evals(run, result.steps, names, _evaluate_all(model, tokenizer, cfg, run, "after"))
+    roles = role_rows([(n, e.role, b, a) for n, e, b, a in zip(names, cfg.evals, evals_before, evals_after)])
     report = {"model": base_name, "base_fingerprint": base_fp, "method": method.name, "objective": objective.name,
               "trainable_parameters": trainable, "total_parameters": total, "data": to_dict(data_report),
               **({"replay_data": to_dict(replay_report)} if replay_report is not None else {}),
               **loop_report(result),
-              "evals": [{"eval": _eval_name(e), "before": b, "after": a}
-                        for e, b, a in zip(cfg.evals, evals_before, evals_after)]}
+              "evals": [{"eval": _eval_name(e), "name": n, "role": e.role, "before": b, "after": a}
+                        for n, e, b, a in zip(names, cfg.evals, evals_before, evals_after)],
+              "target": [r for r in roles if r["role"] == "target"],
+              "retention": [r for r in roles if r["role"] == "retention"]}
+    curves = any(e.every for e in cfg.evals)  # evals.png: the evaluations over the steps
+    if curves and run.dist.is_main:
+        plot_evals(read_metrics(run.path / "metrics.jsonl"), run.path / "evals.png",
+                   {n: e.role for n, e in zip(names, cfg.evals)}, title=f"{method.name} on {base_name}",
+                   metrics={n: list(headline_metrics(a)) for n, a in zip(names, evals_after)})
     run.finish(report, title=f"{method.name} on {base_name}")
     if cfg.evals:
         say(compare_table([(_eval_name(e), b, a) for e, b, a in zip(cfg.evals, evals_before, evals_after)]),
             run.dist)
+        say(role_summary(roles), run.dist)
+    if curves:
+        say(f"evaluation curves {run.path / 'evals.png'}", run.dist)
     say(loss_summary(result), run.dist)
     say(f"adapter saved to {adapter_dir}; report {run.path / 'report.json'}; loss curve {run.path / 'loss.png'}",
         run.dist)
@@ -233,6 +258,42 @@ def _evaluate_all(model: Any, tokenizer: Any, cfg: RunConfig, run: Run, when: st
         results = [evaluate(model, tokenizer, e, predictions=run.path / "predictions" / f"{i}-{e.task}-{when}.jsonl")
                    for i, e in enumerate(cfg.evals)]
     run.dist.barrier()
+    return results
+
+
+def _during_training(model: Any, tokenizer: Any, evals: list[EvalConfig], names: list[str],
+                     run: Run) -> Callable[[int], dict[str, float]] | None:
+    """The loop's ``step_evals``: at step s, every evaluation whose ``every`` divides s, on rank 0 (the others
+    wait), as ``{"eval/<name>/<metric>": value}``; None when no evaluation has an ``every``."""
+    due = [(name, e) for name, e in zip(names, evals) if e.every]
+    if not due:
+        return None
+
+    def step_evals(step: int) -> dict[str, float]:
+        now = [(name, e) for name, e in due if step % e.every == 0]
+        record: dict[str, float] = {}
+        if now and run.dist.is_main:
+            for name, e in now:
+                record.update(_eval_record(name, evaluate(model, tokenizer, e, progress=False)))
+        if now:
+            run.dist.barrier()
+        return record
+    return step_evals
+
+
+def _eval_record(name: str, result: dict[str, Any]) -> dict[str, float]:
+    return {f"eval/{name}/{metric}": value for metric, value in logged_metrics(result).items()}
+
+
+def _log_evals(run: Run, step: int, names: list[str], results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``results`` (returned as they are), also written to ``metrics.jsonl`` at ``step`` (rank 0): the base model's
+    at step 0 and the adapted model's at the last step, the ends of the curves in ``evals.png``."""
+    if run.dist.is_main and results:
+        log = MetricsLog(run.path, tensorboard=False)
+        try:
+            log.log({"step": step, **{k: v for n, r in zip(names, results) for k, v in _eval_record(n, r).items()}})
+        finally:
+            log.close()
     return results
 
 

@@ -5,7 +5,8 @@ optimizer step collect ``grad_accum`` micro-batches (their order is a pure funct
 position, so a resumed run sees the same data; under torchrun each rank takes its rows of each), ask the
 objective how many units carry loss in the whole step (summed over the ranks), run each micro-batch's loss
 and the method's extra loss, sum the gradients over the ranks, clip, step, let the method react, log,
-validate, checkpoint. Nothing here assumes a causal shift: counting and the loss are the objective's.
+validate, evaluate (the run's ``evals:`` with ``every``, through ``step_evals``), checkpoint. Nothing here assumes
+a causal shift: counting and the loss are the objective's.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -70,19 +74,23 @@ class Trainer:
     """Runs optimizer steps for one method and one objective over one batcher; see the module docstring.
 
     ``train_batcher`` plans global micro-batches (``batch_size * world_size`` rows under torchrun); each rank
-    collates its own rows of every one of them.
+    collates its own rows of every one of them. ``step_evals(step)``, when given, is called on every rank after
+    each optimizer step but the last (which the run evaluates after training) and returns the metrics to log
+    at that step (``{}``: none due); see :meth:`evaluate_during_training`.
     """
 
     def __init__(self, model: nn.Module, method: Method, cfg: TrainConfig, train_batcher: Any,
                  val_batcher: Any | None, run_dir: Path, *, base_model: str | None,
                  base_fingerprint: str | None, device: torch.device, objective: Objective | None = None,
-                 dist: Distributed | None = None) -> None:
+                 dist: Distributed | None = None,
+                 step_evals: Callable[[int], dict[str, float]] | None = None) -> None:
         cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
         warn_if_slow(cfg.precision, device, "train.precision")
         self.model, self.method, self.cfg = model, method, cfg
         self.objective = objective if objective is not None else build_objective(None)
         self.dist = dist or Distributed()
         self.train_batcher, self.val_batcher = train_batcher, val_batcher
+        self.step_evals = step_evals
         self.run_dir, self.device = Path(run_dir), device
         self.base_model, self.base_fingerprint = base_model, base_fingerprint
         # A mask that only marks right padding changes nothing that carries loss, unless some position may
@@ -238,6 +246,20 @@ class Trainer:
         self.model.train()
         return total / max(1, units)
 
+    def evaluate_during_training(self, step: int) -> dict[str, float]:
+        """``step_evals(step)`` with every random stream training draws from (torch's on the CPU and the device,
+        Python's, NumPy's) as it was before, and the model back in train mode: a run with evaluations during
+        training takes the same steps as one without, and resumes as exactly."""
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        devices = [] if self.device.type == "cpu" else [self.device]
+        try:
+            with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+                return self.step_evals(step) if self.step_evals is not None else {}
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+            self.model.train()
+
     # --- the loop ------------------------------------------------------------------------------
     def run(self, progress: bool = True) -> LoopResult:
         """Train to ``total_steps`` (from wherever the state is), with this run's thread count and,
@@ -299,6 +321,14 @@ class Trainer:
                         rec = {"step": state["step"], "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
                         log.log(rec)
                         history.append(rec)
+                if self.step_evals is not None and not at_end:  # the last step's: the run's "after" evaluation
+                    t_eval = time.perf_counter()
+                    rec = self.evaluate_during_training(state["step"])
+                    if rec and log is not None:
+                        log.log({"step": state["step"], **rec})
+                        history.append({"step": state["step"], **rec})
+                    paused = time.perf_counter() - t_eval  # not training time: left out of elapsed and tokens/s
+                    t_start, t_resume = t_start + paused, t_resume + paused
                 if cfg.save_every and state["step"] % cfg.save_every == 0 and not at_end:
                     self.dist.main_first(lambda: save_checkpoint(
                         self.run_dir, state["step"], model=self.model, method=self.method, objective=self.objective,

@@ -13,6 +13,7 @@ is continued only when ``max_steps`` grew.
 from __future__ import annotations
 
 import copy
+import re
 import reprlib
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,11 @@ from lmadapt.training.schedules import INFINITE, SETTINGS, Schedule
 from lmadapt.yamlfile import read_yaml
 
 FREE = ("train.save_every", "train.keep_last", "train.log_every", "train.eval_every", "train.eval_batches",
-        "train.tensorboard", "train.nan_policy", "train.gradient_checkpointing")
+        "train.tensorboard", "train.nan_policy", "train.gradient_checkpointing", "evals[].name", "evals[].role",
+        "evals[].every")
 """Keys a resumed run may change: they decide what is logged, validated and kept (and, for ``nan_policy``,
 whether a non-finite step stops the run; for ``gradient_checkpointing``, what is recomputed instead of
-stored), not what a completed step computes."""
+stored), not what a completed step computes. ``evals[]``: any entry's."""
 KEPT = ("train.threads",)
 """Keys whose value the run keeps from its first start whatever the config says (the thread count decides
 the order of float sums, so keeping it keeps the resume bit-exact)."""
@@ -140,7 +142,7 @@ def resumed_record(run_dir: Path, saved: dict[str, Any], now: dict[str, Any]) ->
         if key in IGNORED or key in KEPT:
             continue
         why = schedule_problem(_section(saved, "train"), _section(now, "train")) if key in SCHEDULE else None
-        if key in FREE or (key in SCHEDULE and why is None):
+        if re.sub(r"\[\d+\]", "[]", key) in FREE or (key in SCHEDULE and why is None):
             changed.append(f"{key}: {_show_value(old)} -> {_show_value(new)}")
         else:
             because = f" ({why})" if why else ""

@@ -19,6 +19,7 @@ import json
 import random
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,11 +137,12 @@ class Run:
 
     def fit(self, model: nn.Module, method: Method, objective: Objective, train_batcher: Any,
             val_batcher: Any | None, *, base_model: str | None, base_fingerprint: str | None,
-            progress: bool = True) -> LoopResult:
-        """Train in the one loop, continuing from the newest checkpoint when resuming."""
+            progress: bool = True, step_evals: Callable[[int], dict[str, float]] | None = None) -> LoopResult:
+        """Train in the one loop, continuing from the newest checkpoint when resuming (``step_evals``: the
+        evaluations during training, :class:`~lmadapt.training.loop.Trainer`)."""
         trainer = Trainer(model, method, self.train, train_batcher, val_batcher, self.path, base_model=base_model,
                           base_fingerprint=base_fingerprint, device=self.device, objective=objective,
-                          dist=self.dist)
+                          dist=self.dist, step_evals=step_evals)
         if self.resume:
             where = trainer.resume()
             if self.dist.is_main:

@@ -35,9 +35,9 @@ def head_logits(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: lis
     from lmadapt.data.tokens import special_prefix
 
     head = getattr(model, HEAD, None)
-    if not isinstance(head, ScoreHead):
-        raise LmadaptError("the model carries no classification head: load an adapter trained with objective "
-                           "classify")
+    if not isinstance(head, ScoreHead) or getattr(head, "classify_config", None) is None:
+        raise LmadaptError("the model carries no sequence classification head: load an adapter trained with "
+                           "objective classify (a tag head labels tokens: use the tagging task)")
     objective = Classify(head.classify_config)
     prefix, eos = special_prefix(tokenizer), tokenizer.eos_token_id
     rows = [(prefix + tokenizer(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else []))
@@ -82,8 +82,9 @@ def _gold(rows: list[dict[str, Any]], names: list[str], n_classes: int) -> list[
 def _run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], cfg: EvalConfig,
          progress: bool | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     head = getattr(model, HEAD, None)
-    if not isinstance(head, ScoreHead):
-        note = "the model carries no classification head (e.g. the base model before training)"
+    if not isinstance(head, ScoreHead) or getattr(head, "classify_config", None) is None:
+        note = ("the model carries no sequence classification head (e.g. the base model before training, or a "
+                "tag head, which the tagging task reads)")
         return ({"accuracy": None, "macro_f1": None, "n": len(rows), "note": note},
                 [{"prediction": None, "gold": row["label"], "score": None, "correct": None} for row in rows])
     config = head.classify_config
