@@ -161,6 +161,19 @@ def trained_perplexities(model_name: str, train: list[str], held: list[str], n: 
     corpus = german_corpus(work, train)
     texts = [" ".join(t.split()[:300]) for t in held[:20]]
     out = {}
+    if lora:  # the control: the unexpanded model with the same LoRA, data, steps and learning rate
+        run = work / "runs" / f"lora_only_{steps}_lora{lora}"
+        if not (run / "adapter").exists():
+            lmadapt.train({"model": {"name_or_path": model_name, "dtype": "auto"},
+                           "data": {"train": [str(corpus)], "format": "text", "max_length": 256,
+                                    "batching": "packed", "validation_fraction": 0.0},
+                           "method": {"name": "lora", "r": lora, "alpha": 2 * lora, "target_modules": "all-linear"},
+                           "train": {"lr": lr / 5, "batch_size": 8, "max_steps": steps, "schedule": "cosine",
+                                     "warmup_steps": max(1, steps // 20), "precision": "auto", "seed": 0},
+                           "output_dir": str(run), "overwrite": True}, progress=False)
+        model, tokenizer, _ = lmadapt.load(adapter=run / "adapter")
+        out["unexpanded"] = ppl_per_word(model, tokenizer, texts)
+        say(f"  unexpanded with LoRA alone after {steps} steps: {out['unexpanded']:.2f}")
     for method in inits:
         adapter = train_new_tokens(model_name, corpus, n, method, steps, lr,
                                    work / "runs" / (f"new_tokens_{method}_{n}_{steps}" + (f"_lora{lora}" if lora else "")
