@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -86,3 +88,21 @@ def run_config(tiny_model_dir, train_file, tmp_path):
                   "threads": 2},  # a fixed count: exact-resume tests compare runs bit for bit
         "output_dir": str(tmp_path / "run"),
     }
+
+
+@contextlib.contextmanager
+def interrupted_at(step: int):
+    """Training raises KeyboardInterrupt (as Ctrl-C or a kill would stop it) when ``step`` steps are done: the
+    run's last complete checkpoint is what a resume starts from."""
+    from lmadapt.training.loop import Trainer
+
+    original = Trainer._step
+
+    def step_or_interrupt(self):
+        if self.state["step"] == step:
+            raise KeyboardInterrupt
+        return original(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "_step", step_or_interrupt)
+        yield

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import interrupted_at as ctrl_c_at
 from peft import PeftModel
 from safetensors.torch import load_file
 from torch import nn
@@ -25,7 +26,6 @@ from lmadapt.models.fingerprint import fingerprint
 from lmadapt.models.tree import modules_of_type
 from lmadapt.recipes.finetune import train
 from lmadapt.testing import tiny_llama
-from lmadapt.training.loop import Trainer
 
 ATOL = 1e-5  # fp32 logits after a few matmuls
 STEP_ATOL, STEP_RTOL = 1e-7, 1e-6  # fp32 parameters after one step, against the formula in float64
@@ -308,21 +308,6 @@ def test_the_loop_rescales_every_step_after_accumulation_and_clipping(run_config
         assert not torch.equal(scaled[k], plain[k])
         if "lora_B" in k:  # B left zero at eta = 2 times LoRA's speed: far from the unscaled run
             assert (scaled[k] - plain[k]).norm() > 0.1 * plain[k].norm()
-
-
-@contextlib.contextmanager
-def ctrl_c_at(step: int):
-    """Training raises KeyboardInterrupt (as Ctrl-C does) when ``step`` steps are done."""
-    original = Trainer._step
-
-    def step_or_interrupt(self):
-        if self.state["step"] == step:
-            raise KeyboardInterrupt
-        return original(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Trainer, "_step", step_or_interrupt)
-        yield
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import interrupted_at as ctrl_c_at
 from safetensors.torch import load_file
 from torch import nn
 
@@ -23,7 +24,6 @@ from lmadapt.methods.lamda import Lamda, LamdaLinear, spectrum_ranks
 from lmadapt.models.tree import adapters_disabled
 from lmadapt.recipes.finetune import train
 from lmadapt.testing import tiny_llama
-from lmadapt.training.loop import Trainer
 
 ATOL = 1e-5  # fp32 logits after a few matmuls
 EXACT = 1e-6
@@ -383,21 +383,6 @@ def test_bf16_matches_fp32_within_bf16_precision(mode: str) -> None:
 
 
 # --- the real loop ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def ctrl_c_at(step: int):
-    """Training raises KeyboardInterrupt (as Ctrl-C does) when ``step`` steps are done."""
-    original = Trainer._step
-
-    def step_or_interrupt(self):
-        if self.state["step"] == step:
-            raise KeyboardInterrupt
-        return original(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Trainer, "_step", step_or_interrupt)
-        yield
-
-
 def _loop_config(run_config: dict, out: Path, precision: str) -> dict:
     """6 steps; r 4 with freeze_eta 0.5: columns frozen after steps 1, 2, 3 = 1, 2, 4 (B leaves the optimizer
     after step 3); checkpoints at steps 2 and 4."""

@@ -5,12 +5,12 @@ refusal where it has none), and bf16."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import interrupted_at as killed_at
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
@@ -27,7 +27,6 @@ from lmadapt.methods.lofit import Lofit, LofitOProj, rank_heads
 from lmadapt.models.tree import adapters_disabled, modules_of_type
 from lmadapt.recipes.finetune import train
 from lmadapt.testing import tiny_llama
-from lmadapt.training.loop import Trainer
 
 ATOL = 1e-5  # fp32 after a few matmuls
 EXACT = 1e-6
@@ -211,21 +210,6 @@ def test_one_run_does_both_steps(run_config, monkeypatch, precision: str) -> Non
     assert method.stage == 2 and method.config.heads == heads
     assert all(torch.equal(p, saved[k]) for k, p in method.adapter_state(fresh).items())
     assert (logits(fresh) - logits(tiny_llama())).abs().max() > 1e-4
-
-
-@contextlib.contextmanager
-def killed_at(step: int):
-    """Training dies (as a kill would stop it) when ``step`` steps are done."""
-    original = Trainer._step
-
-    def step_or_die(self):
-        if self.state["step"] == step:
-            raise KeyboardInterrupt
-        return original(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Trainer, "_step", step_or_die)
-        yield
 
 
 @pytest.mark.usefixtures("one_thread")

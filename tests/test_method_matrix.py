@@ -7,13 +7,13 @@ The method configs are the contract rows of tests/test_methods.py (small, defaul
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import interrupted_at as killed_at
 from safetensors.torch import load_file
 from test_methods import CONFIGS  # the contract table: one small config per method
 from test_vas import toy_samples
@@ -26,7 +26,6 @@ from lmadapt.recipes.finetune import train
 from lmadapt.recipes.vas_train import fit_value_model
 from lmadapt.testing import tiny_llama
 from lmadapt.training.config import TrainConfig
-from lmadapt.training.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,21 +106,6 @@ def test_every_method_trains_a_value_model(tmp_path, name, precision, tokenizer)
     after = vm.backbone.state_dict()
     assert list(after) == list(before)  # merged and unloaded: a plain backbone again
     assert any(not torch.equal(after[k], before[k]) for k in before), f"{name}: training left the backbone as it was"
-
-
-@contextlib.contextmanager
-def killed_at(step: int):
-    """Training dies (as a kill would stop it) when ``step`` steps are done."""
-    original = Trainer._step
-
-    def step_or_die(self):
-        if self.state["step"] == step:
-            raise KeyboardInterrupt
-        return original(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Trainer, "_step", step_or_die)
-        yield
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -5,12 +5,12 @@ that falls after a regrow and inside a selection phase."""
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import interrupted_at as killed_at
 from safetensors.torch import load_file
 from torch import nn
 
@@ -23,7 +23,6 @@ from lmadapt.methods.spiel import Spiel, SpielConfig, SpielLinear
 from lmadapt.models.tree import adapters_disabled, modules_of_type
 from lmadapt.recipes.finetune import train
 from lmadapt.testing import tiny_llama
-from lmadapt.training.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ATOL = 1e-5  # fp32 after a few matmuls
@@ -302,20 +301,6 @@ def test_the_loop_trains_and_regrows(make_config, tmp_path, precision, dtype, se
         assert idx.numel() == start.numel() and torch.unique(idx).numel() == idx.numel()
         assert not torch.equal(idx, start), f"{key}: no reselection happened"
         assert torch.count_nonzero(saved[key.replace("indices", "values")]) > 0
-
-
-@contextlib.contextmanager
-def killed_at(step: int):
-    original = Trainer._step
-
-    def step_or_die(self):
-        if self.state["step"] == step:
-            raise KeyboardInterrupt
-        return original(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Trainer, "_step", step_or_die)
-        yield
 
 
 @pytest.mark.parametrize("kill", [3, 5])

@@ -8,7 +8,6 @@ LoRA and full training through ``lmadapt.train`` (fp32, bf16) and an exact resum
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import interrupted_at as ctrl_c_at
 from safetensors.torch import load_file
 from torch import nn
 
@@ -33,7 +33,6 @@ from lmadapt.objectives.distill import (
 )
 from lmadapt.recipes.finetune import train
 from lmadapt.testing import tiny_llama, tiny_tokenizer
-from lmadapt.training.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -337,21 +336,6 @@ def test_salt_switches_at_exactly_the_step_through_the_loop(run_config, teacher_
     steps = metrics(result.run_dir)
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     assert ["distill/kl" in r for r in steps] == [True] * 3 + [False] * 3
-
-
-@contextlib.contextmanager
-def ctrl_c_at(step: int):
-    """Training raises KeyboardInterrupt (as Ctrl-C does) when ``step`` steps are done."""
-    original = Trainer._step
-
-    def step_or_interrupt(self):
-        if self.state["step"] == step:
-            raise KeyboardInterrupt
-        return original(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Trainer, "_step", step_or_interrupt)
-        yield
 
 
 def test_salt_resumes_past_the_switch_to_the_same_weights(run_config, teacher_dir, tmp_path):

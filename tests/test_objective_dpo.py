@@ -4,7 +4,6 @@ named, and LoRA training through ``lmadapt.train`` raises the reward accuracy (a
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -13,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import interrupted_at as ctrl_c_at
 from conftest import write_jsonl
 from safetensors.torch import load_file
 from torch import nn
@@ -25,7 +25,6 @@ from lmadapt.objectives.base import build_objective
 from lmadapt.objectives.preference import DPO, DPOConfig, response_logps
 from lmadapt.recipes.finetune import train
 from lmadapt.testing import tiny_llama, tiny_tokenizer
-from lmadapt.training.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -413,21 +412,6 @@ def test_lora_training_raises_the_reward_accuracy(tiny_model_dir, pref_file, tmp
     assert last["loss"] < first["loss"] - 0.05
     assert result.report["objective"] == "dpo" and result.report["data"]["format"] == "preference"
     assert result.loop.val_loss < first["loss"] - 0.05  # held-out pairs (the same two words) moved too
-
-
-@contextlib.contextmanager
-def ctrl_c_at(step: int):
-    """Training raises KeyboardInterrupt (as Ctrl-C does) when ``step`` steps are done."""
-    original = Trainer._step
-
-    def step_or_interrupt(self):
-        if self.state["step"] == step:
-            raise KeyboardInterrupt
-        return original(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Trainer, "_step", step_or_interrupt)
-        yield
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(tiny_model_dir, pref_file, tmp_path):

@@ -5,7 +5,6 @@ uninterrupted one."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 from collections import Counter
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import interrupted_at as ctrl_c_at
 from conftest import make_rows, write_jsonl
 from safetensors.torch import load_file
 
@@ -22,7 +22,6 @@ from lmadapt.data.dataset import TokenizedDataset, load_replay
 from lmadapt.data.replay import ReplayBatcher, epoch_batches
 from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.recipes.finetune import load_run_config, train
-from lmadapt.training.loop import Trainer
 
 
 def dataset(n: int, seed: int, lo: int = 3, hi: int = 40, base: int = 0) -> TokenizedDataset:
@@ -134,21 +133,6 @@ def test_the_replay_corpus_is_read_with_its_own_format_and_errors_name_data_repl
 
 
 # ------------------------------------------------------------------------------------------------ through the loop
-
-@contextlib.contextmanager
-def ctrl_c_at(step: int):
-    """Training raises KeyboardInterrupt (as Ctrl-C does) when ``step`` steps are done."""
-    original = Trainer._step
-
-    def step_or_interrupt(self):
-        if self.state["step"] == step:
-            raise KeyboardInterrupt
-        return original(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Trainer, "_step", step_or_interrupt)
-        yield
-
 
 @pytest.fixture
 def replay_config(run_config, tmp_path):

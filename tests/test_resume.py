@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import interrupted_at as ctrl_c_at
 from conftest import make_rows, write_jsonl
 from safetensors.torch import load_file
 
 from lmadapt.cli import main
 from lmadapt.errors import LmadaptError
 from lmadapt.recipes.finetune import train
-from lmadapt.training.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,21 +68,6 @@ def adapter(run: Path) -> dict[str, torch.Tensor]:
 
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@contextlib.contextmanager
-def ctrl_c_at(step: int):
-    """Training raises KeyboardInterrupt (as Ctrl-C does) when ``step`` steps are done."""
-    original = Trainer._step
-
-    def step_or_interrupt(self):
-        if self.state["step"] == step:
-            raise KeyboardInterrupt
-        return original(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Trainer, "_step", step_or_interrupt)
-        yield
 
 
 @pytest.fixture(scope="module")

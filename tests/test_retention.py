@@ -7,7 +7,6 @@ run with them ends bit-identical to an uninterrupted one."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -15,6 +14,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import interrupted_at as ctrl_c_at
 from conftest import write_jsonl
 from matplotlib.figure import Figure
 from safetensors.torch import load_file
@@ -124,21 +124,6 @@ def test_the_plot_is_written_only_with_curves(cpt_config, tmp_path):
     assert not (result.run_dir / "evals.png").exists()
     records = read_metrics(result.run_dir / "metrics.jsonl")
     assert [s for s, _ in _curve(records, "eval/topics_heldout/perplexity")] == [0, 6]
-
-
-@contextlib.contextmanager
-def ctrl_c_at(step: int):
-    """Training raises KeyboardInterrupt (as Ctrl-C does) when ``step`` steps are done."""
-    original = Trainer._step
-
-    def step_or_interrupt(self):
-        if self.state["step"] == step:
-            raise KeyboardInterrupt
-        return original(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Trainer, "_step", step_or_interrupt)
-        yield
 
 
 @pytest.fixture
