@@ -44,7 +44,13 @@ from lmadapt.methods.lora import PEFT_PREFIX, Lora, key_mismatch
 from lmadapt.methods.lora_layer import LoraConfig
 from lmadapt.methods.new_tokens_layer import Span, TokenRowsEmbedding, TokenRowsHead
 from lmadapt.methods.registry import register
-from lmadapt.models.tree import TRAINED_IN_PLACE, find_modules, freeze_all, replace_module, transformer_blocks
+from lmadapt.models.tree import (
+    TRAINED_IN_PLACE,
+    find_modules,
+    freeze_all,
+    pick_blocks,
+    replace_module,
+)
 from lmadapt.vocab.bpe import VocabError
 
 ROWS_KEY = {"LORA": "token_adapter.trainable_tokens_delta", "TRAINABLE_TOKENS": "trainable_tokens_delta"}
@@ -237,7 +243,7 @@ class NewTokens(Method):
         if self.span is None:
             raise LmadaptError("new_tokens: call method.prepare(model, tokenizer) before method.apply(model) (lmadapt "
                                "train and lmadapt.load_adapter do), so that the model has the new tokens' rows")
-        self.blocks = trained_blocks(model, self.config.train_blocks)
+        self.blocks = pick_blocks(model, self.config.train_blocks, "method.train_blocks")
         names = {id(m): n for n, m in model.named_modules()}
         emb, head = model.get_input_embeddings(), model.get_output_embeddings()
         self.names = {"input": names[id(emb)], "output": names[id(head)]}
@@ -392,30 +398,6 @@ class NewTokens(Method):
         raise ValueError("this is a PEFT TRAINABLE_TOKENS adapter without lmadapt's record, so lmadapt cannot tell "
                          "which tokenizer it belongs to; load it with PEFT (PeftModel.from_pretrained on the base "
                          "resized to the tokenizer), or merge it with PEFT and load the merged model")
-
-
-def trained_blocks(model: nn.Module, indices: list[int]) -> list[str]:
-    """The dotted names of the blocks ``indices`` picks (negative ones from the end), in model order; every bad
-    index is reported at once, before the model changes."""
-    if not indices:
-        return []
-    blocks = transformer_blocks(model)
-    lists = sorted({n.rsplit(".", 1)[0] for n in blocks})
-    if len(lists) != 1:
-        found = f"{len(lists)} lists of them ({', '.join(lists)}), so an index is ambiguous" if lists else "none"
-        raise ConfigError([(f"method.train_blocks: the model's transformer blocks (modules named <...>.layers.<i>, "
-                            f"h.<i>, blocks.<i> or block.<i>): found {found}; train its layers with lora instead")])
-    n = len(blocks)
-    where = f"the model has {n} transformer blocks ({lists[0]}.0 to {lists[0]}.{n - 1})"
-    problems = [f"method.train_blocks: index {i} is out of range: {where}; give 0 to {n - 1}, or -{n} to -1 "
-                "counting from the end" for i in indices if not -n <= i < n]
-    picked = [i % n for i in indices if -n <= i < n]
-    for block in sorted({b for b in picked if picked.count(b) > 1}):
-        same = " and ".join(str(i) for i in indices if -n <= i < n and i % n == block)
-        problems.append(f"method.train_blocks: {same} both name block {block} ({where}); name each block once")
-    if problems:
-        raise ConfigError(problems)
-    return [blocks[b] for b in sorted(set(picked))]
 
 
 def _matrices(model: nn.Module) -> list[torch.nn.Parameter]:

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from lmadapt.errors import LmadaptError
+from lmadapt.errors import ConfigError, LmadaptError
 
 
 def name_matches(name: str, target: str) -> bool:
@@ -142,6 +142,31 @@ def transformer_blocks(model: nn.Module) -> list[str]:
     blocks of all of them, sorted by index."""
     names = [n for n, _ in model.named_modules() if _BLOCK.fullmatch(n)]
     return sorted(names, key=lambda n: int(n.rsplit(".", 1)[1]))
+
+
+def pick_blocks(model: nn.Module, indices: list[int], key: str) -> list[str]:
+    """The dotted names of the transformer blocks ``indices`` picks (negative ones from the end), in model order.
+    Every bad index is reported at once in a :class:`ConfigError` naming the config ``key`` (e.g.
+    ``method.train_blocks``), before the model changes; a model with several lists of blocks is refused."""
+    if not indices:
+        return []
+    blocks = transformer_blocks(model)
+    lists = sorted({n.rsplit(".", 1)[0] for n in blocks})
+    if len(lists) != 1:
+        found = f"{len(lists)} lists of them ({', '.join(lists)}), so an index is ambiguous" if lists else "none"
+        raise ConfigError([(f"{key}: the model's transformer blocks (modules named <...>.layers.<i>, "
+                            f"h.<i>, blocks.<i> or block.<i>): found {found}; name the modules to train instead")])
+    n = len(blocks)
+    where = f"the model has {n} transformer blocks ({lists[0]}.0 to {lists[0]}.{n - 1})"
+    problems = [f"{key}: index {i} is out of range: {where}; give 0 to {n - 1}, or -{n} to -1 "
+                "counting from the end" for i in indices if not -n <= i < n]
+    picked = [i % n for i in indices if -n <= i < n]
+    for block in sorted({b for b in picked if picked.count(b) > 1}):
+        same = " and ".join(str(i) for i in indices if -n <= i < n and i % n == block)
+        problems.append(f"{key}: {same} both name block {block} ({where}); name each block once")
+    if problems:
+        raise ConfigError(problems)
+    return [blocks[b] for b in sorted(set(picked))]
 
 
 def freeze_all(model: nn.Module) -> None:
