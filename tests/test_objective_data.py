@@ -6,6 +6,7 @@ import pytest
 from conftest import write_jsonl
 
 import lmadapt
+from lmadapt.data.dataset import DataReport
 from lmadapt.errors import ConfigError
 from lmadapt.objectives.base import build_objective
 
@@ -36,5 +37,5 @@ def test_mismatched_objective_and_data_are_refused_before_the_run_is_written(tin
 
 
 def test_fitting_pairs_pass_the_check():
-    assert build_objective({"name": "dpo"}).data_problems("preference", None) == []
-    assert build_objective({"name": "causal_lm"}).data_problems("chat", None) == []
+    assert build_objective({"name": "dpo"}).data_problems(DataReport(format="preference"), None) == []
+    assert build_objective({"name": "causal_lm"}).data_problems(DataReport(format="chat"), None) == []

@@ -8,6 +8,7 @@ rows named by file, line and field; LoRA training through lmadapt.train that tak
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -145,15 +146,17 @@ def test_config_and_data_mismatches_are_refused(tmp_path):
     text = str(exc.value)
     assert "distinct" in text and "'PER'" in text and "dropout" in text and "unmask_last" in text
     path = write_rows(tmp_path / "d.jsonl", [ROW])
-    data = DataConfig(train=[path], format="tagging")
+    data = DataConfig(train=[path], format="tagging", validation_fraction=0.0)
+    report = load_splits(data, tiny_tokenizer())[2]  # the tags collected from the rows: data.labels is empty
     objective = build_objective({"name": "tag", "labels": ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]})
-    assert "differ" in objective.data_problems("tagging", data)[0]
+    assert "differ" in objective.data_problems(report, data)[0]
     assert "objective.word_separator" in build_objective({"name": "tag", "word_separator": ""}).data_problems(
-        "tagging", data)[0]
-    assert "set data.format: tagging" in build_objective({"name": "tag"}).data_problems("text", data)[0]
-    assert "objective 'tag'" in build_objective({"name": "causal_lm"}).data_problems("tagging", data)[0]
+        report, data)[0]
+    text = dataclasses.replace(report, format="text")
+    assert "set data.format: tagging" in build_objective({"name": "tag"}).data_problems(text, data)[0]
+    assert "objective 'tag'" in build_objective({"name": "causal_lm"}).data_problems(report, data)[0]
     settled = build_objective({"name": "tag"})
-    assert settled.data_problems("tagging", data) == [] and settled.config.labels == TAGS
+    assert settled.data_problems(report, data) == [] and settled.config.labels == TAGS
     assert settled.config.word_separator == " "
     with pytest.raises(LmadaptError, match="no tag set"):
         build_objective({"name": "tag"}).setup(tiny_llama(), None, torch.device("cpu"))

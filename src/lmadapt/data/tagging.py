@@ -27,13 +27,9 @@ each type X in sorted order (both, even if only one occurs).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from lmadapt.data.readers import read_files
 from lmadapt.data.tokens import IGNORE
-
-if TYPE_CHECKING:
-    from lmadapt.data.config import DataConfig
 
 OUTSIDE = "O"
 
@@ -57,14 +53,6 @@ def collect_tags(rows: Iterable[Any]) -> list[str]:
     types = {entity_type(t) for tags in rows if isinstance(tags, list) for t in tags if tag_problem(t) is None}
     types.discard(None)
     return [OUTSIDE] + [f"{p}-{x}" for x in sorted(types) for p in ("B", "I")]  # type: ignore[type-var]
-
-
-def tag_set(cfg: DataConfig) -> list[str]:
-    """``data.labels``, else the tags collected from the training files (read again: cheap next to training)."""
-    if cfg.labels:
-        return list(cfg.labels)
-    read = read_files(cfg.train, cfg.text_field)
-    return collect_tags(record.data.get(cfg.tags_field) for record in read.records)
 
 
 def tokenize_words(tokenizer: Any, words: list[str], separator: str,
@@ -106,5 +94,5 @@ def first_subtokens(word_of: list[int], n_words: int) -> list[int]:
     return first
 
 
-__all__ = ["OUTSIDE", "align_tags", "collect_tags", "entity_type", "first_subtokens", "tag_problem", "tag_set",
+__all__ = ["OUTSIDE", "align_tags", "collect_tags", "entity_type", "first_subtokens", "tag_problem",
            "tokenize_words"]

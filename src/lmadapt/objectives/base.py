@@ -54,10 +54,12 @@ class Objective:
     def __init__(self, config: Any) -> None:
         self.config = config
 
-    def data_problems(self, data_format: str, data: Any) -> list[str]:
-        """Why training data of ``data_format`` (resolved, never ``auto``) and the ``data:`` section ``data`` do
-        not fit this objective: checked before the run writes anything. A format that another objective owns
-        (preference pairs for ``dpo``) would silently train as something else here."""
+    def data_problems(self, report: Any, data: Any) -> list[str]:
+        """Why the training data (``report``: the :class:`lmadapt.data.DataReport` of the loaded splits, its
+        ``format`` resolved, never ``auto``) and the ``data:`` section ``data`` do not fit this objective: checked
+        before the run writes anything. A format that another objective owns (preference pairs for ``dpo``) would
+        silently train as something else here."""
+        data_format = report.format
         if self.data_format is not None and data_format != self.data_format:
             return [f"objective {self.name!r} trains on data.format {self.data_format!r} rows, but the training data "
                     f"reads as {data_format!r}; set data.format: {self.data_format} and give rows of that form "

@@ -161,10 +161,10 @@ class Classify(Objective):
         # a bidirectional layer lets a real token see later pads: the loop must keep the padding mask
         self.causal_attention = not config.unmasks
 
-    def data_problems(self, data_format: str, data: Any) -> list[str]:
+    def data_problems(self, report: Any, data: Any) -> list[str]:
         """Also: ``data.labels`` (names to indices) and ``objective.labels`` (the head's classes, recorded in the
         adapter) must be one list in one order when both are given."""
-        problems = super().data_problems(data_format, data)
+        problems = super().data_problems(report, data)
         given = list(getattr(data, "labels", []) or [])
         if given and self.config.labels and given != list(self.config.labels):
             problems.append(f"objective.labels {list(self.config.labels)} and data.labels {given} differ; a row's "

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmadapt.config import option
-from lmadapt.data.tagging import tag_problem, tag_set
+from lmadapt.data.tagging import tag_problem
 from lmadapt.data.tokens import IGNORE
 from lmadapt.errors import LmadaptError
 from lmadapt.methods.base import ParamGroup
@@ -83,15 +83,15 @@ class Tag(Objective):
         super().__init__(config)
         self.causal_attention = not config.unmasks  # an unmasked layer lets real tokens see pads: keep the mask
 
-    def data_problems(self, data_format: str, data: Any) -> list[str]:
-        """Also settles the tag set and the word separator from ``data`` when this config leaves them empty (the
-        training files are read again to collect the tags when ``data.labels`` is empty too), and refuses lists or
-        separators that differ from the data's: a row's tag becomes its index in the data's tag set."""
-        problems = super().data_problems(data_format, data)
+    def data_problems(self, report: Any, data: Any) -> list[str]:
+        """Also settles the tag set (``report.tags``: ``data.labels``, or the tags the data layer collected from the
+        training rows) and the word separator from the data when this config leaves them empty, and refuses lists
+        or separators that differ from the data's: a row's tag becomes its index in the data's tag set."""
+        problems = super().data_problems(report, data)
         if problems or data is None:
             return problems
         cfg = self.config
-        given = tag_set(data)
+        given = list(report.tags)
         if cfg.labels and given != list(cfg.labels):
             where = "data.labels" if data.labels else "the tags of the training rows"
             problems.append(f"objective.labels {list(cfg.labels)} and {where} {given} differ; give the same list in "

@@ -124,7 +124,7 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
     base_fp = fingerprint(model)  # before prepare() may resize the vocabulary: loading checks the base as loaded
     tokenizer = set_chat_template(method.prepare(model, tokenizer), cfg.data)  # data.chat_template, for the evals too
     train_set, val_set, data_report = load_splits(cfg.data, tokenizer)  # raises before anything is written
-    mismatch = objective.data_problems(data_report.format, cfg.data)
+    mismatch = objective.data_problems(data_report, cfg.data)
     if mismatch:
         raise ConfigError(mismatch, str(config) if isinstance(config, (str, Path)) else None)
     say(data_report.summary(), run.dist)
