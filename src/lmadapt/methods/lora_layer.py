@@ -106,8 +106,12 @@ class ResidualFactors(nn.Module):
 
     def __init__(self, a0: torch.Tensor, b0: torch.Tensor, scaling: float) -> None:
         super().__init__()
-        self.lora_A = nn.Parameter(a0.detach().float().clone(), requires_grad=False)
-        self.lora_B = nn.Parameter(b0.detach().float().clone(), requires_grad=False)
+        # row-major whatever the SVD/QR gave (a transposed view): a start restored from a file is row-major, and
+        # the same values in another layout take another GEMM kernel, so a resumed run would round differently
+        self.lora_A = nn.Parameter(a0.detach().float().clone(memory_format=torch.contiguous_format),
+                                   requires_grad=False)
+        self.lora_B = nn.Parameter(b0.detach().float().clone(memory_format=torch.contiguous_format),
+                                   requires_grad=False)
         self.scaling = scaling
         self.dropout = nn.Identity()
 
