@@ -27,6 +27,7 @@ _EXPORTS = {
     "preview": "lmadapt.api",
     "steer": "lmadapt.api",
     "load_ensemble": "lmadapt.api",
+    "make_recovery_data": "lmadapt.api",
     "evaluate": "lmadapt.evaluation.run",
     "generate": "lmadapt.decoding.generation",
     "steered_generate": "lmadapt.decoding.steering",

@@ -1,9 +1,10 @@
 """The public Python API: what every ``lmadapt`` command does, as one function call.
 
 ``load``, ``merge``, ``inspect``, ``preview`` (``lmadapt train --dry-run``), ``steer`` (generation, optionally
-steered, from model paths), ``evaluate_model``, ``vas_train``, ``make_helper`` and ``config_reference`` live
-here; ``train`` (:func:`lmadapt.recipes.finetune.train`) and ``run_demo`` (:func:`lmadapt.recipes.demo.run_demo`)
-are the other two commands' calls. Each CLI command is one call to one of these; a notebook calls them the same way.
+steered, from model paths), ``evaluate_model``, ``vas_train``, ``make_helper``, ``make_recovery_data`` and
+``config_reference`` live here; ``train`` (:func:`lmadapt.recipes.finetune.train`) and ``run_demo``
+(:func:`lmadapt.recipes.demo.run_demo`) are the other two commands' calls. Each CLI command is one call to one of
+these; a notebook calls them the same way.
 
     import lmadapt
     result = lmadapt.train("examples/lora_sft.yaml", ["train.max_steps=100"])
@@ -55,6 +56,7 @@ from lmadapt.models.vocab import check_vocabularies
 
 if TYPE_CHECKING:
     from lmadapt.recipes.dry_run import Preview
+    from lmadapt.recipes.recovery_data import RecoveryReport
 
 
 def _model_config(model: str | ModelConfig, **overrides: Any) -> ModelConfig:
@@ -307,6 +309,43 @@ def make_helper(config: str | Path | dict[str, Any], overrides: Sequence[str] | 
 
     extra = overrides if isinstance(overrides, dict) else list(overrides)
     return make_helper_from_config(load_helper_config(config, extra), progress=progress, resume=resume)
+
+
+def make_recovery_data(settings: Mapping[str, Any] | None = None, *, progress: bool | None = None,
+                       **keywords: Any) -> RecoveryReport:
+    """Sample continuations from a model (+ adapter) and write them as a dataset to replay: recovery data
+    (TransLLM's recovery KD, arXiv:2405.13923; :mod:`lmadapt.recipes.recovery_data`). ``settings`` and
+    ``keywords`` are the fields of :class:`~lmadapt.recipes.recovery_data.RecoveryConfig` (``output`` required;
+    ``inputs`` or ``from_scratch``); all problems are reported together, and bad rows, contradicting settings and
+    an existing output are refused before the model loads. Returns a
+    :class:`~lmadapt.recipes.recovery_data.RecoveryReport`. See docs/recovery_data.md.
+
+        lmadapt.make_recovery_data(output="en_recovery.jsonl", inputs=["en.jsonl"], prompt_tokens=16,
+                                   max_new_tokens=64)
+    """
+    from lmadapt.models.fingerprint import fingerprint
+    from lmadapt.recipes.recovery_data import (
+        RecoveryConfig,
+        check_output,
+        plan,
+        read_prompts,
+        sample_recovery_data,
+    )
+
+    cfg = from_dict(RecoveryConfig, {**dict(settings or {}), **keywords}, "the recovery-data settings")
+    prompts = read_prompts(cfg)
+    _, chat = plan(cfg, prompts.kind)
+    check_output(cfg)
+    with _cpu_threads(cfg.threads):
+        model, tokenizer, method = load(cfg.model, cfg.adapter, dtype=cfg.dtype, device=cfg.device, force=cfg.force)
+        _, system_prompt = chat_settings(cfg.adapter, chat, cfg.system_prompt)
+        origin = {"model": model_display_name(base_model(cfg.model, cfg.adapter)),
+                  "adapter": str(Path(cfg.adapter).resolve()) if cfg.adapter else None,
+                  "method": method.name if method is not None else None,
+                  "base_fingerprint": (read_adapter_info(cfg.adapter).base_fingerprint if cfg.adapter
+                                       else fingerprint(model))}
+        return sample_recovery_data(model, tokenizer, prompts, cfg, system_prompt=system_prompt, origin=origin,
+                                    progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------- steer

@@ -23,6 +23,7 @@ from lmadapt.cli import (
     inspect,
     make_helper,
     merge,
+    recovery_data,
     train,
     vas_train,
 )
@@ -32,8 +33,8 @@ from lmadapt.cli import port as port_command
 from lmadapt.cli import vocab as vocab_command
 from lmadapt.errors import LmadaptError
 
-_COMMANDS = (train, config_help, eval_command, generate, vas_train, make_helper, merge, diff_command, port_command,
-             compare_command, inspect, demo, vocab_command)
+_COMMANDS = (train, config_help, eval_command, generate, recovery_data, vas_train, make_helper, merge, diff_command,
+             port_command, compare_command, inspect, demo, vocab_command)
 _CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
 
 
