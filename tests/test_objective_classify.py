@@ -393,3 +393,94 @@ def test_a_run_resumes_exactly(tmp_path, tiny_model_dir):
 def test_macro_f1_by_hand():
     f1 = f1_scores([0, 0, 1, 2], [0, 1, 1, 1], [0, 1, 2])
     assert f1 == {0: pytest.approx(2 / 3), 1: pytest.approx(2 / 4), 2: 0.0}
+
+
+# --- multi-label evaluation ---------------------------------------------------------------------------------------
+
+# Five rows over labels a, b, c, d: gold sets, and the head's planted logits (+2: predicted, -2 or 0: not; 0 is
+# sigmoid 0.5 exactly, which is not above the threshold). d is never present nor predicted.
+ML_NAMES = ["a", "b", "c", "d"]
+ML_GOLD = [["a", "b"], ["b"], ["c"], ["a", "c"], []]
+ML_LOGITS = torch.tensor([[2.0, -2.0, -2.0, -2.0],   # predicts {a}
+                          [-2.0, 2.0, 2.0, -2.0],    # {b, c}
+                          [-2.0, -2.0, 2.0, 0.0],    # {c}: d sits at sigmoid 0.5
+                          [2.0, -2.0, 2.0, -2.0],    # {a, c}
+                          [-2.0, 2.0, 0.0, -2.0]])   # {b}
+
+
+def test_multi_label_metrics_by_hand():
+    """As scikit-learn's accuracy_score / f1_score(average=micro, macro, None, zero_division=0) on indicator
+    matrices, worked out by hand: per label (TP, FP, FN) a (2, 0, 0), b (1, 1, 1), c (2, 1, 0), d (0, 0, 0)."""
+    from lmadapt.evaluation.tasks.head_classification import multi_label_metrics
+
+    index = {name: k for k, name in enumerate(ML_NAMES)}
+    gold = [{index[n] for n in row} for row in ML_GOLD]
+    predicted = [set((row > 0).nonzero().flatten().tolist()) for row in ML_LOGITS]
+    assert predicted == [{0}, {1, 2}, {2}, {0, 2}, {1}]
+    out = multi_label_metrics(gold, predicted, 4)
+    assert out["per_label_f1"] == {0: 1.0, 1: pytest.approx(2 / 4), 2: pytest.approx(4 / 5), 3: 0.0}
+    assert out["macro_f1"] == pytest.approx((1 + 0.5 + 0.8 + 0) / 4)
+    assert out["micro_f1"] == pytest.approx(2 * 5 / (2 * 5 + 2 + 1))  # ΣTP 5, ΣFP 2, ΣFN 1
+    assert out["subset_accuracy"] == pytest.approx(2 / 5) and out["correct"] == 2  # rows 3 and 4 exactly right
+
+
+def multi_label_model() -> torch.nn.Module:
+    model = tiny_llama()
+    build_objective({"name": "classify", "problem": "multi_label", "labels": ML_NAMES}).setup(
+        model, None, torch.device("cpu"))
+    return model
+
+
+def test_head_classification_reports_multi_label_metrics_of_the_planted_head(tmp_path, monkeypatch):
+    from lmadapt.evaluation import EvalConfig, evaluate
+    from lmadapt.evaluation.tasks import head_classification
+
+    path = tmp_path / "ml.jsonl"
+    write_jsonl(path, [{"text": f"row {i}", "label": gold} for i, gold in enumerate(ML_GOLD)])
+    monkeypatch.setattr(head_classification, "head_logits", lambda *a, **k: ML_LOGITS.clone())
+    out = evaluate(multi_label_model(), tiny_tokenizer(), EvalConfig(task="head_classification", data=[str(path)]),
+                   progress=False, predictions=tmp_path / "preds.jsonl")
+    assert out["subset_accuracy"] == pytest.approx(0.4) and out["correct"] == 2 and out["n"] == 5
+    assert out["micro_f1"] == pytest.approx(10 / 13) and out["macro_f1"] == pytest.approx(0.575)
+    assert out["per_label_f1"] == {"a": 1.0, "b": pytest.approx(0.5), "c": pytest.approx(0.8), "d": 0.0}
+    preds = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    assert [p["prediction"] for p in preds] == [["a"], ["b", "c"], ["c"], ["a", "c"], ["b"]]
+    assert [p["gold"] for p in preds] == [["a", "b"], ["b"], ["c"], ["a", "c"], []]
+    assert [p["correct"] for p in preds] == [False, False, True, True, False]
+    assert preds[2]["score"]["d"] == 0.5 and preds[0]["score"]["a"] == pytest.approx(1 / (1 + math.exp(-2)))
+
+
+def test_multi_label_evaluation_of_a_real_head_matches_its_thresholded_logits(tmp_path):
+    """No planting: the task's figures equal multi_label_metrics of the head's own logits at z > 0, and labels
+    given by index or as a single name count as the same sets."""
+    from lmadapt.evaluation import EvalConfig, evaluate
+    from lmadapt.evaluation.tasks.head_classification import multi_label_metrics
+
+    model, tok = multi_label_model(), tiny_tokenizer()
+    with torch.no_grad():
+        model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=torch.Generator().manual_seed(0)))
+    rows = topic_rows(12, 3)
+    labels = [[0, "c"], "b", [], [3], ["a", "b", "c", "d"], [1, 2]] * 2
+    path = tmp_path / "ml.jsonl"
+    write_jsonl(path, [{"text": r["text"], "label": lab} for r, lab in zip(rows, labels)])
+    out = evaluate(model, tok, EvalConfig(task="head_classification", data=[str(path)]), progress=False)
+    logits = head_logits(model, tok, [r["text"] for r in rows])
+    gold = [{ML_NAMES.index(x) if isinstance(x, str) else x for x in (lab if isinstance(lab, list) else [lab])}
+            for lab in labels]
+    expected = multi_label_metrics(gold, [set((z > 0).nonzero().flatten().tolist()) for z in logits], 4)
+    assert {k: out[k] for k in ("subset_accuracy", "micro_f1", "macro_f1", "correct")} == \
+        {k: pytest.approx(expected[k]) for k in ("subset_accuracy", "micro_f1", "macro_f1", "correct")}
+    assert 0 < out["micro_f1"] < 1  # a random head gets some labels right and some wrong
+
+
+def test_bad_multi_label_rows_are_named(tmp_path):
+    from lmadapt.evaluation import EvalConfig, evaluate
+
+    path = tmp_path / "ml.jsonl"
+    write_jsonl(path, [{"text": "x", "label": ["a", "zz"]}, {"text": "y", "label": [7]}])
+    with pytest.raises(DataError) as exc:
+        evaluate(multi_label_model(), tiny_tokenizer(), EvalConfig(task="head_classification", data=[str(path)]),
+                 progress=False)
+    text = str(exc.value)
+    assert "example 0: field 'label': 'zz' is not one of ['a', 'b', 'c', 'd'] (or a list of them" in text
+    assert "example 1: field 'label': 7 is not one of" in text

@@ -1,12 +1,13 @@
-"""Objective ``dpo`` (DPO and SimPO) and the ``preference`` data format: the losses against hand computations on
-set logits, log 2 at init, the reference is the adapters-off model, pairs stay together in batches, bad rows are
-named, and LoRA training through ``lmadapt.train`` raises the reward accuracy (and resumes exactly)."""
+"""Objective ``dpo`` (DPO and SimPO): the losses against hand computations on set logits, the chunked
+log-probabilities and their gradient against the whole-tensor formula (fp64 and bf16), log 2 at init, the reference
+is the adapters-off model, validation reports pair loss, reward accuracy and margin, and LoRA training through
+``lmadapt.train`` raises the reward accuracy (and resumes exactly). The ``preference`` data format:
+tests/test_preference_data.py."""
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,12 +20,14 @@ from torch import nn
 
 from lmadapt.config import ConfigError
 from lmadapt.data import Batcher, DataConfig, load_splits
-from lmadapt.errors import DataError, LmadaptError
+from lmadapt.errors import LmadaptError
 from lmadapt.methods import build_method
 from lmadapt.objectives.base import build_objective
-from lmadapt.objectives.preference import DPO, DPOConfig, response_logps
+from lmadapt.objectives.preference import DPO, DPOConfig, response_logps, token_logps
 from lmadapt.recipes.finetune import train
 from lmadapt.testing import tiny_llama, tiny_tokenizer
+from lmadapt.training.config import TrainConfig
+from lmadapt.training.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -177,6 +180,94 @@ def test_the_gradient_of_the_dpo_loss_matches_autograd_of_the_formula():
     torch.testing.assert_close(policy.logits.grad, x.grad)
 
 
+# ------------------------------------------------------------------------------------------------ chunked log-probs
+
+def whole_tensor_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The formula as computed before chunking: one log-sum-exp over the whole fp32 copy of the logits."""
+    picked = logits.gather(-1, targets.clamp_min(0)[..., None])[..., 0].float()
+    return torch.where(targets != -100, picked - torch.logsumexp(logits.float(), -1), 0.0)
+
+
+def random_problem(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0):
+    """Logits (with a gradient), targets with ignored positions (a whole row among them), per-position weights."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    targets[0, :2] = -100
+    targets[-1] = -100
+    return logits, targets, torch.randn(shape[:-1], generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+def test_chunked_log_probs_and_their_gradient_equal_the_whole_tensor_formula_in_fp64(chunk):
+    logits, targets, weights = random_problem((5, 4, 11), torch.float64)
+    out = token_logps(logits, targets, chunk)
+    (out * weights).sum().backward()
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    ref = torch.where(targets != -100, ref_logits.log_softmax(-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0],
+                      0.0)
+    (ref * weights).sum().backward()
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-12, atol=1e-12)
+    assert not logits.grad[-1].any() and not logits.grad[0, :2].any()  # ignored positions get no gradient
+
+
+def test_with_bf16_logits_values_and_gradient_match_the_fp32_whole_tensor_formula():
+    logits, targets, weights = random_problem((6, 5, 37), torch.bfloat16, seed=1)
+    out = token_logps(logits, targets, 4)
+    (out * weights.float()).sum().backward()
+    old_logits = logits.detach().clone().requires_grad_(True)
+    old = whole_tensor_logps(old_logits, targets)
+    (old * weights.float()).sum().backward()
+    assert out.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out, old, rtol=1e-6, atol=1e-6)  # the same fp32 arithmetic, chunk by chunk
+    exact = logits.detach().double().requires_grad_(True)  # the same bf16 values, differentiated in fp64
+    ref = exact.log_softmax(-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    (torch.where(targets != -100, ref, 0.0) * weights).sum().backward()
+    # the chunked gradient is rounded to bf16 once (unit roundoff 2^-8); the whole-tensor one twice (its gather and
+    # log-sum-exp paths are each cast to bf16, then added in bf16)
+    torch.testing.assert_close(logits.grad.double(), exact.grad, rtol=2 ** -8, atol=1e-6)
+    torch.testing.assert_close(old_logits.grad.double(), exact.grad, rtol=2 ** -7, atol=1e-6)
+
+
+def saved_for_backward(fn) -> list[torch.Tensor]:
+    """The tensors autograd keeps from ``fn()`` for the backward pass."""
+    kept: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        fn()
+    return kept
+
+
+def test_the_backward_keeps_the_logits_and_one_log_sum_exp_per_position_not_an_fp32_copy():
+    logits, targets, _ = random_problem((4, 8, 1000), torch.bfloat16)
+    n, v = 4 * 8, 1000
+    kept = saved_for_backward(lambda: token_logps(logits, targets, 5).sum())
+    big = [t for t in kept if t.numel() >= n * v]
+    assert big and all(t.data_ptr() == logits.data_ptr() and t.dtype == torch.bfloat16 for t in big)
+    assert sum(t.numel() * t.element_size() for t in kept if t.numel() < n * v) <= n * (8 + 4)  # targets, lse
+    old = saved_for_backward(lambda: whole_tensor_logps(logits, targets).sum())
+    assert any(t.numel() == n * v and t.dtype == torch.float32 for t in old)  # what chunking avoids
+
+
+def test_the_dpo_loss_and_its_gradient_do_not_depend_on_the_chunk_size(tmp_path):
+    batch = pair_batch(pair_rows(2) + pair_rows(2, " sure, gladly", " go away"), tmp_path)
+    losses, grads = [], []
+    for chunk in (1, 5, 4096):
+        model = lora_model()
+        perturb_lora(model)
+        objective = build_objective({"name": "dpo", "beta": 0.5, "chunk_size": chunk})
+        objective.setup(model, tiny_tokenizer(), CPU)
+        out = objective.loss(model, batch)
+        out.loss.backward()
+        losses.append(out.loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert losses[0] == pytest.approx(losses[2], rel=1e-6) and losses[1] == pytest.approx(losses[2], rel=1e-6)
+    torch.testing.assert_close(grads[0], grads[2], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[1], grads[2], rtol=1e-5, atol=1e-7)
+    assert grads[2].abs().max() > 0
+
+
 def test_at_init_the_loss_is_log_2_per_pair_exactly_and_the_rewards_are_zero(tmp_path):
     batch = pair_batch(pair_rows(3) + pair_rows(2, " maybe so", " never"), tmp_path)
     model = lora_model()
@@ -269,103 +360,33 @@ def test_contradictory_settings_are_named(fields, problem):
     assert problem in str(exc.value)
 
 
-# ------------------------------------------------------------------------------------------------ the data
+# ------------------------------------------------------------------------------------------------ validation
 
-def test_preference_rows_become_two_sequences_masked_on_the_prompt(tmp_path):
+def test_validation_reports_pair_loss_reward_accuracy_and_margin_and_no_perplexity(tmp_path):
     path = tmp_path / "p.jsonl"
-    write_jsonl(path, [{"prompt": "Hi?", "chosen": " Hello!", "rejected": " Go."}])
-    tok = tiny_tokenizer()
-    data, _, report = load_splits(DataConfig(train=[str(path)]), tok)  # format auto
-    assert report.format == "preference" and report.train_examples == 1 and data.paired and len(data) == 2
-    enc = tok("Hi?", add_special_tokens=False)["input_ids"]
-    eos = tok.eos_token_id
-    for k, response in enumerate([" Hello!", " Go."]):
-        ids = tok(response, add_special_tokens=False)["input_ids"] + [eos]
-        assert data.input_ids[k] == enc + ids
-        assert data.labels[k] == [-100] * len(enc) + ids
-    assert "1 training preference pairs" in report.summary()
-
-
-def test_the_chat_template_renders_the_prompt_and_only_the_replies_train(tmp_path):
-    path = tmp_path / "p.jsonl"
-    write_jsonl(path, [{"question": "Hi?", "good": "Hello!", "bad": "Go."}])
-    tok = tiny_tokenizer()
-    cfg = DataConfig(train=[str(path)], format="preference", prompt_field="question", chosen_field="good",
-                     rejected_field="bad", use_chat_template=True, system_prompt="Be kind.")
-    data, _, _ = load_splits(cfg, tok)
-    for k, reply in enumerate(["Hello!", "Go."]):
-        text = tok.decode(data.input_ids[k])
-        assert text.startswith("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>")
-        assert tok.decode([t for t in data.labels[k] if t != -100]) == f"{reply}<|im_end|>"
-
-
-def test_pairs_stay_together_in_every_batch_and_on_every_rank_split(tmp_path):
-    rows = [{"prompt": "p" * (i % 7 + 1), "chosen": f" c{i}" + "x" * (i % 5), "rejected": f" r{i}"} for i in range(23)]
-    path = tmp_path / "p.jsonl"
-    write_jsonl(path, rows)
+    write_jsonl(path, pair_rows(3) + pair_rows(2, " sure, gladly", " go away"))
     tok = tiny_tokenizer()
     data, _, _ = load_splits(DataConfig(train=[str(path)]), tok)
-    for grouped in (True, False):
-        batcher = Batcher(data, batch_size=4, max_length=256, packing=False, group_by_length=grouped,
-                          pad_id=tok.pad_token_id, seed=3)
-        seen = []
-        for epoch in range(2):
-            for batch in batcher.batches(epoch):
-                mb = batcher.collate(batch)
-                n = mb["pairs"]
-                assert mb["input_ids"].shape[0] == 2 * n == 2 * len(batch)
-                for k in range(n):
-                    chosen = tok.decode(mb["input_ids"][k][mb["attention_mask"][k].bool()])
-                    rejected = tok.decode(mb["input_ids"][n + k][mb["attention_mask"][n + k].bool()])
-                    i = int(re.match(r"\d+", chosen.split(" c")[1]).group())
-                    assert rejected.endswith(f" r{i}<|im_end|>") and chosen.startswith(rows[i]["prompt"])
-                    seen.append((epoch, i))
-                for rank in range(2):  # torchrun shards the plan's rows (pairs), never a pair's two sequences
-                    assert all(row[1] == row[0] + 1 and row[0] % 2 == 0 for row in batch[rank::2])
-        assert sorted(seen) == [(e, i) for e in range(2) for i in range(23)]  # every pair once per epoch
-        assert batcher.padding_stats()["tokens"] == sum(data.lengths)
+    model = tiny_llama()
+    method = build_method({"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    method.apply(model)
+    perturb_lora(model)
+    objective = build_objective({"name": "dpo", "beta": 0.5})
+    objective.setup(model, tok, CPU)
+    val = Batcher(data, batch_size=2, max_length=256, packing=False, group_by_length=False, pad_id=tok.pad_token_id,
+                  seed=0)  # micro-batches of 2, 2 and 1 pairs
+    trainer = Trainer(model, method, TrainConfig(max_steps=1, tensorboard=False), val, val, tmp_path / "run",
+                      base_model=None, base_fingerprint=None, device=CPU, objective=objective)
+    loss = trainer.validate()
+    model.eval()
+    with torch.no_grad():  # all five pairs in one batch, by the objective directly
+        whole = objective.loss(model, pair_batch(pair_rows(3) + pair_rows(2, " sure, gladly", " go away"), tmp_path))
+    assert set(trainer.val_metrics) == {"val_loss", "val_rewards/accuracy", "val_rewards/margin"}
+    assert loss == trainer.val_metrics["val_loss"] == pytest.approx(whole.loss.item() / 5, rel=1e-5)
+    assert trainer.val_metrics["val_rewards/accuracy"] == pytest.approx(whole.metrics["rewards/accuracy"] / 5)
+    assert trainer.val_metrics["val_rewards/margin"] == pytest.approx(whole.metrics["rewards/margin"] / 5, rel=1e-4)
+    assert 0 < trainer.val_metrics["val_rewards/accuracy"] < 1  # the perturbed LoRA gets some pairs right
 
-
-def test_packing_and_loss_on_prompt_are_refused_for_pairs(tmp_path):
-    path = tmp_path / "p.jsonl"
-    write_jsonl(path, pair_rows(3))
-    tok = tiny_tokenizer()
-    with pytest.raises(ConfigError) as exc:
-        load_splits(DataConfig(train=[str(path)], format="preference", batching="packed", loss_on_prompt=True), tok)
-    assert "data.batching: packed cannot hold preference pairs" in str(exc.value)
-    assert "data.loss_on_prompt: preference pairs compare" in str(exc.value)
-    with pytest.raises(LmadaptError, match=r"data.batching: packed .* \(the rows of data.train are preference pairs"):
-        load_splits(DataConfig(train=[str(path)], batching="packed"), tok)  # auto-detected
-    data, _, _ = load_splits(DataConfig(train=[str(path)]), tok)
-    with pytest.raises(ValueError, match="preference pairs cannot be packed"):
-        Batcher(data, batch_size=2, max_length=64, packing=True, group_by_length=False, pad_id=0, seed=0)
-
-
-def test_bad_rows_are_named_by_file_line_and_field(tmp_path):
-    path = tmp_path / "p.jsonl"
-    rows = [{"prompt": "ok", "chosen": " a", "rejected": " b"},
-            {"prompt": "no chosen", "rejected": " b"},
-            {"prompt": "number", "chosen": 3, "rejected": " b"},
-            {"prompt": "empty", "chosen": " a", "rejected": "  "},
-            {"prompt": "same", "chosen": " a", "rejected": " a"}]
-    write_jsonl(path, rows)
-    with pytest.raises(DataError) as exc:
-        load_splits(DataConfig(train=[str(path)]), tiny_tokenizer())
-    assert exc.value.problems == [
-        f"{path}:2: field 'chosen' is missing (the row has: prompt, rejected)",
-        f"{path}:3: field 'chosen': expected a string, got int",
-        f"{path}:4: field 'rejected' is empty",
-        f"{path}:5: field 'rejected': the same text as 'chosen', so the pair prefers nothing",
-    ]
-
-
-def test_a_pair_is_dropped_whole_when_one_sequence_is_too_long(tmp_path):
-    path = tmp_path / "p.jsonl"
-    write_jsonl(path, [{"prompt": "Q", "chosen": " short", "rejected": " much too long " * 4},
-                       {"prompt": "Q", "chosen": " fine", "rejected": " also fine"}])
-    data, _, report = load_splits(DataConfig(train=[str(path)], max_length=20, truncation="drop"), tiny_tokenizer())
-    assert len(data) == 2 and report.train_examples == 1 and report.examples_dropped == 1
-    assert tiny_tokenizer().decode(data.input_ids[0]).startswith("Q fine")
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -412,6 +433,10 @@ def test_lora_training_raises_the_reward_accuracy(tiny_model_dir, pref_file, tmp
     assert last["loss"] < first["loss"] - 0.05
     assert result.report["objective"] == "dpo" and result.report["data"]["format"] == "preference"
     assert result.loop.val_loss < first["loss"] - 0.05  # held-out pairs (the same two words) moved too
+    val = [r for r in metrics(result.run_dir) if "val_loss" in r]
+    assert val and all("val_ppl" not in r for r in val)  # a pair loss has no perplexity
+    assert val[-1]["val_loss"] == pytest.approx(result.loop.val_loss)
+    assert val[-1]["val_rewards/accuracy"] == 1.0 and val[-1]["val_rewards/margin"] > 0
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(tiny_model_dir, pref_file, tmp_path):

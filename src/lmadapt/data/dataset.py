@@ -159,8 +159,8 @@ def _examples(read: ReadResult, key: str, cfg: DataConfig, problems: list[str]) 
         keys = sorted(read.records[0].data) if read.records else []
         read.file_problems.append(
             f"{key}: cannot tell the format from the keys {keys} of the first row; expected "
-            f"'{cfg.messages_field}' (chat), '{cfg.prompt_field}'+'{cfg.chosen_field}'+'{cfg.rejected_field}' "
-            f"(preference), '{cfg.prompt_field}'+'{cfg.completion_field}', "
+            f"'{cfg.messages_field}' (chat), '{cfg.chosen_field}'+'{cfg.rejected_field}' (preference), "
+            f"'{cfg.prompt_field}'+'{cfg.completion_field}', "
             f"'{cfg.instruction_field}'+'{cfg.output_field}' or '{cfg.text_field}'. Set data.format and "
             f"the data.*_field names.")
         return [], "unknown"
@@ -169,6 +169,9 @@ def _examples(read: ReadResult, key: str, cfg: DataConfig, problems: list[str]) 
     if fmt == "tagging" and cfg.format == "auto":
         read.file_problems += [f"data.{p} (the rows of {key} are tagging rows)" for p in cfg.tagging_problems()]
     examples, found = build_examples(read.records, fmt, cfg)
+    if fmt == "preference" and not cfg.use_chat_template and any(e.messages for e in examples):
+        read.file_problems.append(f"data.use_chat_template: the rows of {key} hold conversations (lists of "
+                                  f"messages), which the chat template renders; set data.use_chat_template: true")
     problems += read.row_problems + found
     return examples, fmt
 

@@ -3,7 +3,8 @@
 An :class:`Example` is either plain ``segments`` of text, each trained on or not (prompt/completion,
 instruction, raw text), or ``messages`` of a conversation that the tokenizer's chat template renders. A
 preference row is one example (prompt + chosen response) whose ``rejected`` is a second one (the same prompt +
-the rejected response).
+the rejected response); rows take TRL's preference forms, strings or conversations, the prompt given or implicit
+(the shared start of chosen and rejected).
 A classification row is one example of its text whose ``target`` is its label (a class index, class indices,
 or a number). A tagging row is one example of its ``words``, whose ``tags`` are their tag indices
 (:mod:`lmadapt.data.tagging`).
@@ -54,6 +55,7 @@ class Example:
     target: int | float | tuple[int, ...] | None = None  # classification: class index, value, or class indices
     words: tuple[str, ...] = ()  # tagging: the words, tokenized one by one (lmadapt.data.tagging)
     tags: tuple[int, ...] = ()  # tagging: each word's tag, as its index in data.labels
+    first_trained: int = 0  # messages: assistant turns before this index are context (a preference pair's prompt)
 
 
 def detect_format(records: list[Record], cfg: DataConfig) -> str | None:
@@ -62,7 +64,7 @@ def detect_format(records: list[Record], cfg: DataConfig) -> str | None:
         keys = record.data
         if cfg.messages_field in keys:
             return "chat"
-        if cfg.prompt_field in keys and cfg.chosen_field in keys and cfg.rejected_field in keys:
+        if cfg.chosen_field in keys and cfg.rejected_field in keys:  # the prompt given, or implicit (TRL)
             return "preference"
         if cfg.prompt_field in keys and cfg.completion_field in keys:
             return "prompt_completion"
@@ -224,7 +226,20 @@ def _prompt_completion(record: Record, cfg: DataConfig, found: list[str]) -> Exa
 
 
 def _preference(record: Record, cfg: DataConfig, found: list[str]) -> Example:
-    """The chosen exchange, with the rejected one as its ``rejected``: two sequences that share the prompt."""
+    """The chosen exchange, with the rejected one as its ``rejected``: two sequences that share the prompt.
+
+    TRL's preference rows: strings (``prompt`` + ``chosen`` / ``rejected`` responses), or conversations (``prompt``
+    a list of turns, ``chosen`` and ``rejected`` the assistant's replies as lists of turns). Without ``prompt`` (TRL's
+    implicit prompt), the prompt is the start that chosen and rejected share (:func:`shared_start`)."""
+    data = record.data
+    if any(isinstance(data.get(k), list) for k in (cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)):
+        return _conversation_pair(record, cfg, found)
+    chosen, rejected = data.get(cfg.chosen_field), data.get(cfg.rejected_field)
+    if data.get(cfg.prompt_field) is None and isinstance(chosen, str) and isinstance(rejected, str) \
+            and chosen != rejected:  # implicit prompt: cut the shared start off
+        cut = shared_start(chosen, rejected)
+        record = Record(record.source, {**data, cfg.prompt_field: chosen[:cut], cfg.chosen_field: chosen[cut:],
+                                        cfg.rejected_field: rejected[cut:]})
     prompt = _string(record, cfg.prompt_field, found, allow_empty=True)
     chosen = _string(record, cfg.chosen_field, found)
     rejected = _string(record, cfg.rejected_field, found)
@@ -232,6 +247,76 @@ def _preference(record: Record, cfg: DataConfig, found: list[str]) -> Example:
         found.append(f"field '{cfg.rejected_field}': the same text as '{cfg.chosen_field}', so the pair prefers "
                      f"nothing")
     return replace(_with_chat(record, cfg, prompt, chosen), rejected=_with_chat(record, cfg, prompt, rejected))
+
+
+def shared_start(chosen: str | list[Any], rejected: str | list[Any]) -> int:
+    """The length of TRL's implicit prompt of a preference row: of the longest start (characters, or turns) that
+    ``chosen`` and ``rejected`` share; for strings that differ right after a space, one less, so the space opens
+    the responses (as TRL's ``extract_prompt``)."""
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    differ = n < min(len(chosen), len(rejected))
+    return n - 1 if isinstance(chosen, str) and differ and n > 0 and chosen[n - 1] == " " else n
+
+
+def _conversation_pair(record: Record, cfg: DataConfig, found: list[str]) -> Example:
+    """TRL's conversational preference row: prompt turns (given, or the turns chosen and rejected share) followed by
+    either reply; only the replies' assistant turns are trained (``first_trained``)."""
+    p_key, c_key, r_key = cfg.prompt_field, cfg.chosen_field, cfg.rejected_field
+    implicit = record.data.get(p_key) is None
+    lists = {key: _turns(record, key, found) for key in ((c_key, r_key) if implicit else (p_key, c_key, r_key))}
+    if found:
+        return Example(record.source)
+    if lists[c_key] == lists[r_key]:
+        found.append(f"field '{r_key}': the same turns as '{c_key}', so the pair prefers nothing")
+        return Example(record.source)
+    cut = shared_start(lists[c_key], lists[r_key]) if implicit else 0
+    prompt = lists[c_key][:cut] if implicit else lists[p_key]
+    if not prompt:
+        found.append(f"field '{c_key}': '{c_key}' and '{r_key}' share no turn before the reply, so there is no "
+                     f"prompt; begin both with the prompt's turns (TRL's implicit prompt), or give '{p_key}'")
+    elif prompt[-1]["role"] == "assistant":
+        where = f"{c_key}[{cut - 1}]" if implicit else f"{p_key}[{len(prompt) - 1}]"
+        found.append(f"field '{where}.role': the prompt ends with an assistant turn; end it with the turn that "
+                     f"'{c_key}' and '{r_key}' reply to (user or tool)")
+    for key in (c_key, r_key):
+        reply = lists[key][cut:]
+        bad = next((i for i, turn in enumerate(reply, cut) if turn["role"] != "assistant"), None)
+        if not reply:
+            found.append(f"field '{key}': nothing of it is left after the turns it shares with the other reply (it "
+                         f"is the start of the other); give '{p_key}', or replies that differ")
+        elif bad is not None and implicit:
+            found.append(f"field '{key}[{bad}].role': {lists[key][bad]['role']!r}; without '{p_key}', '{c_key}' and "
+                         f"'{r_key}' must be the same conversation up to the assistant's reply (the implicit "
+                         f"prompt) and hold only assistant turns after it, but they differ from turn {cut} on")
+        elif bad is not None:
+            found.append(f"field '{key}[{bad}].role': {lists[key][bad]['role']!r}, but '{key}' holds the assistant's "
+                         f"reply only; put the turns before it in '{p_key}'")
+    pair = [Example(record.source, messages=tuple(prompt + lists[key][cut:]), first_trained=len(prompt))
+            for key in (c_key, r_key)]
+    return replace(pair[0], rejected=pair[1])
+
+
+def _turns(record: Record, key: str, found: list[str]) -> list[dict[str, Any]]:
+    """The non-empty list of well-formed turns under ``key``; [] (with the problems named) otherwise."""
+    value = record.data.get(key)
+    if value is None:
+        found.append(_missing(key, record.data))
+        return []
+    if not isinstance(value, list):
+        found.append(f"field '{key}': expected a list of messages, as in the row's other fields (TRL's "
+                     f"conversational form), got {type_name(value)}")
+        return []
+    if not value:
+        found.append(f"field '{key}' is empty")
+        return []
+    seen = len(found)
+    for i, turn in enumerate(value):
+        _check_turn(turn, f"{key}[{i}]", found)
+    return value if len(found) == seen else []
 
 
 def _instruction(record: Record, cfg: DataConfig, found: list[str]) -> Example:

@@ -4,12 +4,13 @@ Plain segments (prompt/completion, instruction, text) are tokenized one by one a
 boundary between prompt and completion is exact; the tokenizer's own leading special tokens (BOS) come
 first and EOS last (``add_eos``).
 
-Conversations are rendered to one string by the chat template; each assistant reply is located by
-rendering the conversation up to it (with the generation prompt) and through it, and the string is
-tokenized once with character offsets so those spans become labels. The trained span is the reply plus
-the template's end-of-turn marker (trailing whitespace excluded). The template is the one
-``data.chat_template`` names (:mod:`lmadapt.data.templates`), else the tokenizer's own; a tokenizer without one
-uses :data:`FALLBACK_CHAT_TEMPLATE` (with a one-time notice on stderr)::
+Conversations are rendered to one string by the chat template; each assistant reply (in a preference pair's
+conversations, each one after the prompt: ``Example.first_trained``) is located by rendering the conversation up
+to it (with the generation prompt) and through it, and the string is tokenized once with character offsets so
+those spans become labels. The trained span is the reply plus the template's end-of-turn marker (trailing
+whitespace excluded). The template is the one ``data.chat_template`` names (:mod:`lmadapt.data.templates`), else
+the tokenizer's own; a tokenizer without one uses :data:`FALLBACK_CHAT_TEMPLATE` (with a one-time notice on
+stderr)::
 
     <|user|>\\n{content}{eos}\\n<|assistant|>\\n{content}{eos}\\n
 
@@ -147,7 +148,7 @@ def _tokenize_chat(example: Example, tokenizer: Any, template: str | None) -> tu
     messages = list(example.messages)
     try:
         text = render_chat(tokenizer, messages, template=template)
-        spans = _assistant_spans(tokenizer, messages, text, template)
+        spans = _assistant_spans(tokenizer, messages, text, template, example.first_trained)
     except (jinja2.TemplateError, TypeError, ValueError, KeyError) as exc:
         raise RowProblem(f"{example.source}: field 'messages': the chat template refused this conversation "
                          f"({exc})") from None
@@ -160,12 +161,13 @@ def _tokenize_chat(example: Example, tokenizer: Any, template: str | None) -> tu
     return _tokens_in_spans(tokenizer, text, spans)
 
 
-def _assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], text: str,
-                     template: str | None) -> list[tuple[int, int]] | None:
-    """Character spans of each assistant reply (plus end-of-turn marker) in ``text``; None if one is not found."""
+def _assistant_spans(tokenizer: Any, messages: list[dict[str, Any]], text: str, template: str | None,
+                     first: int = 0) -> list[tuple[int, int]] | None:
+    """Character spans of each assistant reply from turn ``first`` on (plus end-of-turn marker) in ``text``; None if
+    one is not found."""
     spans, cursor = [], 0
     for i, turn in enumerate(messages):
-        if turn["role"] != "assistant":
+        if turn["role"] != "assistant" or i < first:
             continue
         before = _render_or_none(tokenizer, messages[:i], True, template)
         through = render_chat(tokenizer, messages[: i + 1], template=template).rstrip()

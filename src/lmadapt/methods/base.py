@@ -130,6 +130,11 @@ class Method:
         """A term added to the objective's loss (regularisers, distillation from ``ctx.base_logits()``)."""
         return None
 
+    def metrics(self) -> dict[str, float]:
+        """Numbers to log for the step whose micro-batches just ran (a regulariser's value, a gate's mean), read once
+        per step and logged as ``<method name>/<key>``; the method resets what it gathered. The default: none."""
+        return {}
+
     def before_optimizer_step(self, ctx: StepContext) -> None:
         """Runs after gradients are final (accumulated, clipped) and before ``optimizer.step()``."""
 

@@ -51,6 +51,11 @@ class Objective:
     # None: token sequences (text, prompt_completion, instruction, chat). See :meth:`data_problems`.
     data_format: ClassVar[str | None] = None
 
+    # What validation reports besides ``val_loss`` (the mean loss per unit): "ppl", exp(val_loss), meaningful where
+    # the loss is a mean next-token cross-entropy; and keys of LossOutput.metrics, as ``val_<key>``: their sums
+    # over the held-out units divided by the units (dpo: reward accuracy and margin per pair).
+    validation_metrics: ClassVar[tuple[str, ...]] = ("ppl",)
+
     def __init__(self, config: Any) -> None:
         self.config = config
 

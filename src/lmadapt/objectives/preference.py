@@ -17,7 +17,9 @@ as TRL's ``CPOTrainer`` (``loss_type="simpo"``) computes it, label smoothing inc
     L = −(1 − ε)·log σ(z) − ε·log σ(−z)
 
 |y| the number of response tokens. The data (``data.format: preference``) gives every micro-batch its pairs'
-chosen sequences first, then their rejected ones in the same order, and ``batch["pairs"]``: their number.
+chosen sequences first, then their rejected ones in the same order, and ``batch["pairs"]``: their number. The
+log-softmax behind log π is taken ``chunk_size`` positions at a time with an exact gradient (:func:`token_logps`),
+so no fp32 copy of the (2P, T, V) logits is made.
 """
 
 from __future__ import annotations
@@ -34,22 +36,73 @@ from lmadapt.data.tokens import IGNORE
 from lmadapt.errors import LmadaptError
 from lmadapt.models.tree import adapters_disabled
 from lmadapt.objectives.base import LossOutput, Objective, register_objective
-from lmadapt.objectives.causal_lm import forward_inputs, target_positions
+from lmadapt.objectives.causal_lm import (
+    forward_inputs,
+    takes_logits_to_keep,
+    target_positions,
+)
 from lmadapt.objectives.distill import load_teacher
 
 DEFAULT_BETA = {"sigmoid": 0.1, "simpo": 2.0}
 DEFAULT_GAMMA = 0.5
 
 
-def response_logps(model: nn.Module, batch: dict[str, Any], *,
-                   drop_padding_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor, Any]:
+class _TokenLogps(torch.autograd.Function):
+    """(N,) log p(target) = logits[target] − logsumexp(logits) per row of (N, V) ``logits``; 0 where the target is
+    -100. The log-sum-exps are computed ``chunk`` rows at a time in fp32 (fp64 for fp64 logits) and only they are
+    kept for the backward, which recomputes each chunk's softmax from the saved logits:
+
+        d out_i / d logits_i = onehot(target_i) − softmax(logits_i)      (0 for an ignored row)
+
+    So no fp32 (N, V) tensor exists at any time, only ``chunk`` rows of one (``_DistillSums`` in
+    :mod:`lmadapt.objectives.distill` does the same for summed KL and CE; DPO needs each row's value, weighted per
+    sequence by the loss, so it is its own function).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
+        for a in range(0, logits.shape[0], chunk):
+            lse[a:a + chunk] = torch.logsumexp(logits[a:a + chunk].to(acc), -1)
+        valid = targets != IGNORE
+        picked = logits.gather(1, targets.clamp_min(0)[:, None]).squeeze(1).to(acc)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.chunk = chunk
+        return torch.where(valid, picked - lse, 0.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        logits, targets, lse = ctx.saved_tensors
+        g = torch.where(targets != IGNORE, grad_out.to(lse.dtype), 0.0)  # (N,): the weight of each row
+        grad = torch.empty_like(logits)
+        for a in range(0, logits.shape[0], ctx.chunk):
+            rows = slice(a, a + ctx.chunk)
+            d = (logits[rows].to(lse.dtype) - lse[rows, None]).exp_().mul_(-g[rows, None])  # −g·softmax
+            d[torch.arange(d.shape[0], device=d.device), targets[rows].clamp_min(0)] += g[rows]  # +g·onehot
+            grad[rows] = d
+        return grad, None, None
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """log_softmax(logits)[..., target] for (..., V) ``logits`` and (...) ``targets`` (0 where -100), computed ``chunk``
+    positions at a time with an exact gradient (:class:`_TokenLogps`); the result is fp32 (fp64 for fp64 logits)."""
+    flat = _TokenLogps.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), chunk)
+    return flat.view(targets.shape)
+
+
+def response_logps(model: nn.Module, batch: dict[str, Any], *, drop_padding_mask: bool = False,
+                   chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """((B,) sum of log p(label) over each row's target tokens, (B,) how many there are, the model's output).
 
     Logits are computed only at positions that predict a target in some row (``target_positions``), and the
-    log-softmax in fp32: sum_t [logit_t(y_t) − logsumexp_v logit_t(v)] over the t with labels[t + 1] != -100.
+    log-softmax ``chunk_size`` positions at a time (:func:`token_logps`): sum_t [logit_t(y_t) − logsumexp_v
+    logit_t(v)] over the t with labels[t + 1] != -100.
     """
     labels = batch["labels"]
     positions = target_positions(model, labels)
+    if positions is None and takes_logits_to_keep(type(model)):  # all but the last: contiguous, no slicing copy
+        positions = torch.arange(labels.shape[1] - 1, device=labels.device)
     inputs = forward_inputs(batch, drop_padding_mask)
     if positions is None:
         outputs = model(**inputs, use_cache=False)
@@ -59,10 +112,7 @@ def response_logps(model: nn.Module, batch: dict[str, Any], *,
         logits, targets = outputs.logits, labels[:, positions + 1]
     outputs.logit_positions = positions
     targets = targets.to(logits.device)
-    mask = targets != IGNORE
-    picked = logits.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1).float()
-    token_logps = picked - torch.logsumexp(logits.float(), dim=-1)
-    return torch.where(mask, token_logps, 0.0).sum(-1), mask.sum(-1), outputs
+    return token_logps(logits, targets, chunk_size).sum(-1), (targets != IGNORE).sum(-1), outputs
 
 
 def _smoothed(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -108,6 +158,8 @@ class DPOConfig:
         None, "sigmoid only: the reference model. null: the model being trained with its adapters switched off (no "
               "second copy in memory; needs an adapter method such as lora). Otherwise a built-in name or model "
               "folder with the same tokenizer, loaded frozen in the trained model's dtype (needed with method full).")
+    chunk_size: int = option(256, "Positions whose vocabulary-wide log-softmax temporaries exist at once (memory "
+                                  "bound); the result and its gradient do not depend on it.")
 
     def check(self) -> list[str]:
         problems = []
@@ -122,6 +174,8 @@ class DPOConfig:
             problems.append(f"gamma: must be >= 0, got {self.gamma}")
         if self.reference is not None and self.loss == "simpo":
             problems.append("reference: loss simpo uses no reference model. Remove reference, or set loss: sigmoid")
+        if self.chunk_size < 1:
+            problems.append(f"chunk_size: must be >= 1, got {self.chunk_size}")
         if self.reference is not None and not str(self.reference).strip():
             problems.append("reference: empty; give null (the model with its adapters off), a built-in name or a "
                             "model folder")
@@ -132,11 +186,13 @@ class DPOConfig:
 class DPO(Objective):
     """DPO (``loss: sigmoid``) or SimPO (``loss: simpo``) on preference pairs, summed per pair and normalised by
     the step's pairs (see the module docstring). Logs, per pair: ``rewards/chosen``, ``rewards/rejected``,
-    ``rewards/margin`` (their difference) and ``rewards/accuracy`` (the share with a positive margin)."""
+    ``rewards/margin`` (their difference) and ``rewards/accuracy`` (the share with a positive margin); validation
+    reports the held-out pairs' loss, reward accuracy and margin (a pair loss has no perplexity)."""
 
     name = "dpo"
     config_class = DPOConfig
     data_format = "preference"
+    validation_metrics = ("rewards/accuracy", "rewards/margin")
 
     def __init__(self, config: DPOConfig, reference: nn.Module | None = None) -> None:
         super().__init__(config)
@@ -169,9 +225,9 @@ class DPO(Objective):
         return int(batch["pairs"])
 
     def loss(self, model: nn.Module, batch: dict[str, Any], *, drop_padding_mask: bool = False) -> LossOutput:
-        n = self.count(batch)
-        logps, lengths, outputs = response_logps(model, batch, drop_padding_mask=drop_padding_mask)
-        cfg = self.config
+        n, cfg = self.count(batch), self.config
+        logps, lengths, outputs = response_logps(model, batch, drop_padding_mask=drop_padding_mask,
+                                                 chunk_size=cfg.chunk_size)
         if cfg.loss == "simpo":
             losses, chosen, rejected = simpo_losses(logps[:n], logps[n:], lengths[:n], lengths[n:], beta=self.beta,
                                                     gamma=self.gamma, label_smoothing=cfg.label_smoothing)
@@ -189,7 +245,8 @@ class DPO(Objective):
     def _reference_logps(self, model: nn.Module, batch: dict[str, Any], drop_padding_mask: bool) -> torch.Tensor:
         """(B,) summed response log-probabilities under π_ref: the frozen reference, else ``model`` with its
         adapters off."""
+        chunk = self.config.chunk_size
         if self.reference is not None:
-            return response_logps(self.reference, batch, drop_padding_mask=drop_padding_mask)[0]
+            return response_logps(self.reference, batch, drop_padding_mask=drop_padding_mask, chunk_size=chunk)[0]
         with adapters_disabled(model):
-            return response_logps(model, batch, drop_padding_mask=drop_padding_mask)[0]
+            return response_logps(model, batch, drop_padding_mask=drop_padding_mask, chunk_size=chunk)[0]

@@ -97,6 +97,7 @@ class Trainer:
         # attend to a later one: only when the objective and the method both keep causal attention.
         self.drop_padding_mask = self.objective.causal_attention and method.causal_attention
         self.step_metrics: dict[str, float] = {}  # the last step's objective metrics per unit, for the log
+        self.val_metrics: dict[str, float] = {}  # the last validation's record: val_loss and the objective's own
         self.optimizer = self._build_optimizer()
         self.lae = OfflineCopy.for_run(model, method, cfg, self.objective)  # None unless train.lae_momentum
         self.steps_per_epoch = max(1, len(train_batcher) // cfg.grad_accum)
@@ -176,6 +177,7 @@ class Trainer:
             total += loss.item()
         # the objective's metrics (detached sums) per loss-bearing unit of this process's micro-batches
         self.step_metrics = {f"{objective.name}/{k}": v / max(1, sum(counts)) for k, v in sums.items()}
+        self.step_metrics.update({f"{self.method.name}/{k}": v for k, v in self.method.metrics().items()})
         if self.dist.any(bad is not None, self.device):
             return self._non_finite(bad or "loss is not finite on another process")
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -226,11 +228,14 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float | None:
-        """Mean validation loss per loss-bearing unit (over every rank's rows)."""
+        """Mean validation loss per loss-bearing unit (over every rank's rows). :attr:`val_metrics` gets what to log:
+        ``val_loss`` and what the objective's ``validation_metrics`` name (``val_ppl``, ``val_<metric>`` per unit)."""
         if self.val_batcher is None:
             return None
         self.model.eval()
         total, units = 0.0, 0
+        keys = [k for k in self.objective.validation_metrics if k != "ppl"]
+        sums = dict.fromkeys(keys, 0.0)
         plan = self.val_batcher.batches(0)
         if self.cfg.eval_batches:
             plan = plan[: self.cfg.eval_batches]
@@ -242,9 +247,16 @@ class Trainer:
             with autocast(self.device, self.cfg.precision, self.use_autocast):
                 out = self.objective.loss(self.model, mb, drop_padding_mask=self.drop_padding_mask)
             total, units = total + float(out.loss), units + out.count
-        total, units = self.dist.sum([total, units], self.device)
+            for key in keys:
+                sums[key] += out.metrics[key]
+        total, units, *values = self.dist.sum([total, units, *sums.values()], self.device)
         self.model.train()
-        return total / max(1, units)
+        loss = total / max(1, units)
+        self.val_metrics = {"val_loss": loss}
+        if "ppl" in self.objective.validation_metrics:
+            self.val_metrics["val_ppl"] = math.exp(min(loss, 50))
+        self.val_metrics.update({f"val_{k}": v / max(1, units) for k, v in zip(keys, values)})
+        return loss
 
     def evaluate_during_training(self, step: int) -> dict[str, float]:
         """``step_evals(step)`` with every random stream training draws from (torch's on the CPU and the device,
@@ -318,7 +330,7 @@ class Trainer:
                 if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or at_end:
                     val_loss = self.validate()
                     if val_loss is not None and log is not None:
-                        rec = {"step": state["step"], "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+                        rec = {"step": state["step"], **self.val_metrics}
                         log.log(rec)
                         history.append(rec)
                 if self.step_evals is not None and not at_end:  # the last step's: the run's "after" evaluation
