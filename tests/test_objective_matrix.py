@@ -8,6 +8,7 @@ the base weights has no adapters to switch off: DPO there uses the base model fo
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
@@ -103,3 +104,20 @@ def test_every_method_resumes_exactly_with_every_new_objective(make_config, tmp_
     resumed = train(make_config(tmp_path / "cut", name, objective, **fields), resume=True, progress=False)
     a, b = saved(whole), saved(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name}/{objective}: resume not exact"
+
+
+@pytest.mark.parametrize("objective", ["classify", "tag"])
+def test_head_objectives_validate_with_accuracy_and_no_perplexity(make_config, tmp_path, objective):
+    """A head's loss is no next-token cross-entropy: validation reports the loss and the head's accuracy per unit
+    (sequence or labelled token), each a share of the held-out units, and no val_ppl."""
+    cfg = make_config(tmp_path / "run", "lora", objective, max_steps=4, eval_every=2)
+    cfg["data"]["validation_fraction"] = 0.25
+    result = train(cfg, progress=False)
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [2, 4]
+    for r in val:
+        assert "val_ppl" not in r and math.isfinite(r["val_loss"])
+        assert 0.0 <= r["val_accuracy"] <= 1.0
+    if objective == "classify":  # 6 held-out sequences: the accuracy is a count of them over 6
+        assert all(abs(r["val_accuracy"] * 6 - round(r["val_accuracy"] * 6)) < 1e-9 for r in val)

@@ -103,6 +103,11 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor,
     raise ValueError(f"problem must be single_label, multi_label or regression, got {problem!r}")
 
 
+# what classification_loss sums per problem, reported by validation as val_<key> per sequence
+VALIDATION_METRICS = {"single_label": ("accuracy",), "multi_label": ("label_accuracy", "exact_match"),
+                      "regression": ("abs_error",)}
+
+
 def multi_hot(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
     """(B, C) 0/1 float targets from (B, K) class indices (-100 ignored) or (B,) single indices."""
     idx = labels.long().reshape(labels.shape[0], -1)
@@ -160,6 +165,8 @@ class Classify(Objective):
         super().__init__(config)
         # a bidirectional layer lets a real token see later pads: the loop must keep the padding mask
         self.causal_attention = not config.unmasks
+        # validation: the loss per sequence and classification_loss's metric sums per sequence, no perplexity
+        self.validation_metrics = VALIDATION_METRICS.get(config.problem, ())
 
     def data_problems(self, report: Any, data: Any) -> list[str]:
         """Also: ``data.labels`` (names to indices) and ``objective.labels`` (the head's classes, recorded in the

@@ -78,6 +78,7 @@ class Tag(Objective):
     name = "tag"
     config_class = TagConfig
     data_format = "tagging"
+    validation_metrics = ("accuracy",)  # per labelled token; a token-head loss has no perplexity
 
     def __init__(self, config: TagConfig) -> None:
         super().__init__(config)
