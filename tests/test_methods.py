@@ -41,6 +41,7 @@ CONFIGS: dict[str, tuple[dict, dict]] = {
     "lamda": ({"r": 4, "alpha": 8}, {"init": "random"}),
     "miss": ({"r": 4}, {"init": "random"}),
     "bottleneck": ({"bottleneck_size": 8}, {"init": "bert"}),
+    "control_llm": ({"merge_method": "dlerp", "layers": [0, 1]}, {}),  # an exact copy: no non-identity init
     "allora": ({"r": 4, "eta": 2.0}, {"init": "random"}),
     "pissa": ({"r": 4, "alpha": 8}, {}),
     "olora": ({"r": 4, "alpha": 8}, {}),
@@ -63,6 +64,7 @@ TRAINS = {
     "lamda": lambda n: n.endswith((".lamda_B", ".lamda_S")),
     "miss": lambda n: n.endswith(".miss_block"),
     "bottleneck": lambda n: n.endswith((".adapter_down", ".adapter_up", ".adapter_scaling")),
+    "control_llm": lambda n: ".control_expanded." in n or n.endswith(".control_gate.weight"),
     "allora": lambda n: n.endswith((".lora_A", ".lora_B")),
     "pissa": lambda n: n.endswith((".lora_A", ".lora_B")) and ".residual." not in n,
     "olora": lambda n: n.endswith((".lora_A", ".lora_B")) and ".residual." not in n,

@@ -4,6 +4,7 @@ from lmadapt.methods import (  # noqa: F401  (registration)
     allora,
     balora,
     bottleneck,
+    control_llm,
     corda,
     dora,
     freeze,

@@ -13,6 +13,7 @@ in this order (see ``docs/methods.md`` for how each planned method maps onto the
         for each micro-batch i: loss_i = objective.loss(model, mb_i) [+ method.extra_loss(ctx_i)]
                                 # ctx_i.batch/.outputs/.micro_index; ctx_i.base_logits() = adapters off
         step_ctx.micro_batches = [ctx_0, ..., ctx_n]       # every micro-batch's batch, in order
+        method.metrics() -> logged with the step as <method name>/<key>
         method.before_optimizer_step(step_ctx); optimizer.step(); method.after_optimizer_step(step_ctx)
         if method.on_step_end(step_ctx): rebuild the optimizer from method.parameter_groups(model)
     method.adapter_state(model) -> tensors saved in adapter_model.safetensors
