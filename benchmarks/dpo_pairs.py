@@ -22,8 +22,8 @@ Training: LoRA r ``--r`` (alpha 2r, dropout 0) on the seven projections, as the 
 
 Evaluation on the held-out pairs, with the trained adapter on (the policy π) and off (the reference π_ref =
 the base model, which is also "before": a fresh LoRA starts as the base model). Each response's
-log π(y|x) is lmadapt's ``completion_loss`` scoring (``completion_nlls``: the pair tokenized as training
-tokenizes it, the response with its end-of-turn tokens summed), and the rewards are the objective's own
+log π(y|x), under π and π_ref, is the ``preference`` evaluation task's scoring (``pair_scores``: the pair tokenized
+as training tokenizes it, the response with its end-of-turn tokens summed), and the rewards are the objective's own
 ``dpo_losses`` / ``simpo_losses``:
 
 - reward accuracy: the share of pairs with reward(chosen) > reward(rejected); mean margin, reward(chosen) -
@@ -161,20 +161,21 @@ def train_once(loss: str, data: dict, model: str, args: argparse.Namespace, work
 
 # -------------------------------------------------------------------------------------------------- evaluation
 
-def pair_logps(net: Any, tokenizer: Any, pairs: list[dict], max_length: int) -> dict:
-    """{"chosen", "rejected"}: (summed log π(y|x), response tokens) as float64 / int64 tensors, the pair
-    tokenized as training tokenizes it (``completion_nlls``)."""
+def pair_logps(net: Any, tokenizer: Any, pairs: list[dict], max_length: int) -> tuple[dict, dict]:
+    """(policy, reference), each {"chosen", "rejected"}: (summed log π(y|x), response tokens) as float64 / int64
+    tensors, by the ``preference`` task's ``pair_scores`` (the reference: ``net`` with its adapters off)."""
     import torch
 
-    from lmadapt.evaluation.tasks.completion_loss import completion_nlls
+    from lmadapt.evaluation.tasks.preference import pair_scores
 
-    out = {}
-    for side in ("chosen", "rejected"):
-        rows = [{"prompt": p["prompt"], "completion": p[side]} for p in pairs]
-        nlls = completion_nlls(net, tokenizer, rows, chat=True, max_length=max_length, batch_size=8, progress=False)
-        out[side] = (torch.tensor([-s for s, _ in nlls], dtype=torch.float64),
-                     torch.tensor([n for _, n in nlls], dtype=torch.int64))
-    return out
+    scores = pair_scores(net, tokenizer, pairs, chat=True, max_length=max_length, batch_size=8, progress=False)
+    if None in scores:
+        raise SystemExit(f"--max-length {max_length} cuts some held-out pairs to their prompt; raise it")
+    def side(prefix: str, name: str) -> tuple:
+        return (torch.tensor([s[f"{prefix}logp_{name}"] for s in scores], dtype=torch.float64),
+                torch.tensor([s[f"tokens_{name}"] for s in scores], dtype=torch.int64))
+    return ({name: side("", name) for name in ("chosen", "rejected")},
+            {name: side("ref_", name) for name in ("chosen", "rejected")})
 
 
 def pair_metrics(policy: dict, reference: dict, loss: str, beta: float, gamma: float) -> dict:
@@ -192,24 +193,19 @@ def pair_metrics(policy: dict, reference: dict, loss: str, beta: float, gamma: f
             "mean_logp_gap": float((pc - pr).mean())}
 
 
-def measure(loss: str, run: Path, data: dict, model: str, args: argparse.Namespace, cache: dict) -> dict:
+def measure(loss: str, run: Path, data: dict, model: str, args: argparse.Namespace) -> dict:
     """Before/after figures of one trained adapter on the held-out pairs and prompts."""
     import torch
 
     import lmadapt
     from lmadapt.evaluation.config import EvalConfig
-    from lmadapt.models.tree import adapters_disabled
     from lmadapt.objectives.preference import DEFAULT_GAMMA
 
     torch.set_num_threads(args.threads)
     pairs = [json.loads(line) for line in Path(data["test"]).read_text(encoding="utf-8").splitlines()]
     net, tokenizer, _ = lmadapt.load(model, run / "adapter")
     start = time.perf_counter()
-    if "reference" not in cache:  # the base model: the same for every run
-        with adapters_disabled(net):
-            cache["reference"] = pair_logps(net, tokenizer, pairs, args.max_length)
-    reference = cache["reference"]
-    policy = pair_logps(net, tokenizer, pairs, args.max_length)
+    policy, reference = pair_logps(net, tokenizer, pairs, args.max_length)
     after_cls = lmadapt.evaluate(net, tokenizer, EvalConfig(task="classification", data=[data["test_prompts"]],
                                                             labels=data["labels"], chat=True), progress=False)
     eval_s = time.perf_counter() - start
@@ -260,8 +256,7 @@ def main() -> None:
     data = write_data(workdir, model, args)
     say(f"base model: {data['base_accuracy']:.1%} held-out topic accuracy ({data['train_base_accuracy']:.1%} on the "
         f"training articles); rejected answers: {args.rejected}, answers as a {args.answer}")
-    cache: dict = {}
-    rows = [measure(loss, train_once(loss, data, model, args, workdir), data, model, args, cache)
+    rows = [measure(loss, train_once(loss, data, model, args, workdir), data, model, args)
             for loss in dict.fromkeys(args.loss)]
 
     print(f"\nCPU: {cpu_class()}; {args.steps} steps of {args.batch_size} pairs, LoRA r {args.r}, lr {args.lr:g}, fp32; "

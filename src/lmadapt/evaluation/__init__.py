@@ -25,6 +25,7 @@ _EXPORTS = {
     "multiple_choice_accuracy": "lmadapt.evaluation.tasks.multiple_choice",
     "classification_accuracy": "lmadapt.evaluation.tasks.classification",
     "completion_loss": "lmadapt.evaluation.tasks.completion_loss",
+    "preference_accuracy": "lmadapt.evaluation.tasks.preference",
 }
 
 __all__ = list(_EXPORTS)

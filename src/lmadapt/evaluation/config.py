@@ -36,6 +36,9 @@ class EvalConfig:
     tags_field: str = option("tags", "tagging: the field holding the gold BIO tags, one per word.")
     completion_field: str = option("completion", "Training-format prompt/completion rows (generation, "
                                                  "classification, completion_loss): the completion field.")
+    chosen_field: str = option("chosen", "preference: the preferred response (a string, or TRL's list of messages).")
+    rejected_field: str = option("rejected", "preference: the dispreferred response (a string, or TRL's list of "
+                                             "messages).")
     instruction_field: str = option("instruction", "Training-format instruction rows: the instruction field.")
     input_field: str = option("input", "Training-format instruction rows: the optional input field.")
     output_field: str = option("output", "Training-format instruction rows: the response field.")
@@ -50,9 +53,12 @@ class EvalConfig:
                       "articles or extra spaces, as in SQuAD) comparison.")
     max_new_tokens: int = option(16, "generation: tokens to generate per prompt.")
     max_length: int = option(1024, "perplexity: window length in tokens, longer texts are split; "
-                                   "completion_loss: tokens per example, longer ones are cut on the right.")
+                                   "completion_loss and preference: tokens per sequence, longer ones are cut on "
+                                   "the right.")
     batch_size: int = option(4, "Sequences per forward pass (perplexity windows, generation prompts, "
-                                "completion_loss examples).")
+                                "completion_loss examples, preference sequences).")
+    beta: float = option(0.1, "preference: beta of the DPO reward beta * (log pi - log pi_ref), pi_ref the model "
+                              "with its adapters off (0.1: DPO's default).")
     max_examples: int | None = option(None, "Evaluate only the first N examples (null: all).")
     name: str | None = option(None, "In a run: what metrics.jsonl (eval/<name>/<metric>), the report and "
                                     "evals.png call this evaluation; null: its first data file's name without "
@@ -80,6 +86,8 @@ class EvalConfig:
         for name in ("max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.beta <= 0:
+            problems.append(f"beta: must be > 0, got {self.beta}")
         if self.max_length < 2:
             problems.append(f"max_length: must be >= 2, got {self.max_length}")
         if self.max_examples is not None and self.max_examples < 1:

@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 
 # cfg below is an lmadapt.evaluation.config.EvalConfig (which imports this module, so it is not named here)
 FieldCheck = Callable[[Any, Mapping[str, Any], "Any"], "str | None"]
-"""``check(value, row, cfg)``: what is wrong with a present (non-null) field value, or None. ``row`` holds the
-task's canonical fields (to check one field against another); ``cfg`` is None for rows given in memory."""
+"""``check(value, row, cfg)``: what is wrong with a present (non-null) field value, or None (``value`` is None only
+for a field the task lists as ``optional``). ``row`` holds the task's canonical fields (to check one field against
+another); ``cfg`` is None for rows given in memory."""
 
 TaskRun = Callable[["nn.Module", "PreTrainedTokenizerBase", list[dict[str, Any]], "Any", "bool | None"],
                    tuple[dict[str, Any], list[dict[str, Any]]]]
@@ -64,13 +65,14 @@ class EvalTask:
     summary: str = ""  # one line: what the task measures
     completion: str | None = None  # the field a training-format row's completion fills (None: no such rows)
     settle: Settle | None = field(default=None, repr=False)  # fills settings that depend on every row
+    optional: tuple[str, ...] = ()  # fields a row may leave out or null; their check then gets None (and may object)
 
     def row_problems(self, row: Mapping[str, Any], cfg: Any = None) -> list[tuple[str, str]]:
         """``(field, problem)`` for every missing or malformed field of one row (canonical field names)."""
         problems = []
         for key, check in self.fields.items():
             value = row.get(key)
-            problem = "missing" if value is None else check(value, row, cfg)
+            problem = "missing" if value is None and key not in self.optional else check(value, row, cfg)
             if problem:
                 problems.append((key, problem))
         return problems
@@ -88,13 +90,15 @@ TASKS: dict[str, EvalTask] = {}
 
 def register_task(task: EvalTask) -> EvalTask:
     """Make ``task`` available by its name; raises TypeError for a nameless, fieldless or duplicate task, or a
-    ``completion`` that is not one of its fields. (A setting in ``reads`` that EvalConfig does not have is
-    reported when a config names the task.)"""
+    ``completion`` or an ``optional`` that is not one of its fields. (A setting in ``reads`` that EvalConfig does
+    not have is reported when a config names the task.)"""
     if not task.name or not task.fields:
         raise TypeError(f"an evaluation task needs a name and at least one field, got {task!r}")
     if task.completion is not None and (task.completion not in task.fields or "prompt" not in task.fields):
         raise TypeError(f"task {task.name!r}: completion={task.completion!r} must name one of its fields, and a "
                         f"task that reads training formats needs a 'prompt' field")
+    if set(task.optional) - set(task.fields):
+        raise TypeError(f"task {task.name!r}: optional={task.optional!r} must name some of its fields")
     if task.name in TASKS and TASKS[task.name] is not task:
         raise TypeError(f"an evaluation task named {task.name!r} is already registered")
     TASKS[task.name] = task

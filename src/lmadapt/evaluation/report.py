@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 _COUNTS = {"n", "correct", "tokens"}  # counts, not metrics: left out of compare_table
-LOWER_IS_BETTER = frozenset({"perplexity", "nll", "loss", "mse", "mae"})
+LOWER_IS_BETTER = frozenset({"perplexity", "nll", "loss", "mse", "mae", "dpo_loss"})
 """Metrics that improve as they fall; every other metric (accuracy, F1, ...) improves as it rises."""
 
 

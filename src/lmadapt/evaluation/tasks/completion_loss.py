@@ -51,10 +51,18 @@ def tokenized_rows(tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]
                    system_prompt: str | None = None, max_length: int = 1024) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) of each row as training tokenizes it; a row cut to nothing trainable by
     ``max_length`` gives empty lists (training drops it)."""
+    examples = [training_example(row, chat=chat, system_prompt=system_prompt, source=f"example {i}")
+                for i, row in enumerate(rows)]
+    return tokenized_examples(tokenizer, examples, max_length=max_length)
+
+
+def tokenized_examples(tokenizer: PreTrainedTokenizerBase, examples: list[TrainingExample], *,
+                       max_length: int = 1024) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of each training example (:class:`lmadapt.data.Example`) as training tokenizes it,
+    with training's defaults; one cut to nothing trainable by ``max_length`` gives empty lists."""
     cfg, report, prefix = DataConfig(max_length=max_length), DataReport(), special_prefix(tokenizer)
     out, problems = [], []
-    for i, row in enumerate(rows):
-        example = training_example(row, chat=chat, system_prompt=system_prompt, source=f"example {i}")
+    for example in examples:
         try:
             ids, labels = tokenize_example(example, tokenizer, cfg, prefix)
         except RowProblem as exc:
@@ -77,12 +85,20 @@ def completion_nlls(model: nn.Module, tokenizer: PreTrainedTokenizerBase, rows: 
     """
     check_examples("completion_loss", rows)
     tokens = tokenized_rows(tokenizer, rows, chat=chat, system_prompt=system_prompt, max_length=max_length)
-    order = sorted((i for i in range(len(rows)) if tokens[i][0]), key=lambda i: len(tokens[i][0]))
+    return token_nlls(model, tokens, batch_size=batch_size, progress=progress)
+
+
+def token_nlls(model: nn.Module, tokens: list[tuple[list[int], list[int]]], *, batch_size: int = 4,
+               progress: bool | None = None, desc: str = "completion_loss") -> list[tuple[float, int]]:
+    """``(sum of -log p(x_t | x_<t) over the labelled tokens, their count)`` of each ``(input_ids, labels)`` row
+    (labels as :func:`tokenized_examples` gives them; an empty row gives ``(0.0, 0)``), in order. Rows of similar
+    length share a forward pass of ``batch_size``, right-padded; ``desc`` names the progress bar."""
+    order = sorted((i for i in range(len(tokens)) if tokens[i][0]), key=lambda i: len(tokens[i][0]))
     batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-    sums, counts = [0.0] * len(rows), [0] * len(rows)
+    sums, counts = [0.0] * len(tokens), [0] * len(tokens)
     device = model_device(model)
     with eval_mode(model):
-        for batch in progress_bar(batches, "completion_loss", progress, size=len):
+        for batch in progress_bar(batches, desc, progress, size=len):
             ids, mask = right_pad([tokens[i][0] for i in batch], device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             for row, i in enumerate(batch):  # row by row: one float32 copy of the logits at a time
