@@ -1,10 +1,10 @@
 """The public Python API: what every ``lmadapt`` command does, as one function call.
 
 ``load``, ``merge``, ``inspect``, ``preview`` (``lmadapt train --dry-run``), ``steer`` (generation, optionally
-steered, from model paths), ``evaluate_model``, ``vas_train``, ``make_helper``, ``make_recovery_data`` and
-``config_reference`` live here; ``train`` (:func:`lmadapt.recipes.finetune.train`) and ``run_demo``
-(:func:`lmadapt.recipes.demo.run_demo`) are the other two commands' calls. Each CLI command is one call to one of
-these; a notebook calls them the same way.
+steered, from model paths), ``evaluate_model``, ``vas_train``, ``make_helper``, ``make_recovery_data``,
+``serve`` (``lmadapt serve``) and ``config_reference`` live here; ``train``
+(:func:`lmadapt.recipes.finetune.train`) and ``run_demo`` (:func:`lmadapt.recipes.demo.run_demo`) are the other
+two commands' calls. Each CLI command is one call to one of these; a notebook calls them the same way.
 
     import lmadapt
     result = lmadapt.train("examples/lora_sft.yaml", ["train.max_steps=100"])
@@ -455,3 +455,29 @@ def steer(model: str | ModelConfig | None, prompts: Sequence[str], *, adapter: s
         if not steering:
             return generate(base, tokenizer, list(prompts), **common)
         return steered_generate(base, tokenizer, list(prompts), **steering, **common)
+
+
+def serve(model: str | None = None, adapters: Mapping[str, str | Path] | None = None, *, host: str = "127.0.0.1",
+          port: int = 8000, api_key: str | None = None, served_model_name: str | None = None,
+          dtype: str | None = None, device: str | None = None, force: bool = False, max_batch_size: int = 8,
+          max_queue: int = 64, max_tokens: int = 2048, max_n: int = 16, max_body_bytes: int = 1 << 20,
+          runtime_adapters: bool = True, drain_timeout: float = 30.0, threads: int | None = 0,
+          log_level: str = "info") -> None:
+    """``lmadapt serve``: an OpenAI-compatible HTTP server for ``model`` and ``adapters`` (name -> folder) until
+    SIGTERM or Ctrl-C (:func:`lmadapt.serving.server.serve`, docs/serving.md). ``model`` None: the base the first
+    adapter records; ``force``: serve adapters trained on other base weights. Needs the ``serve`` extra (fastapi,
+    uvicorn)."""
+    try:
+        from lmadapt.serving.app import Limits
+        from lmadapt.serving.server import serve as run_server
+    except ImportError as exc:
+        raise LmadaptError(f"lmadapt serve needs fastapi and uvicorn ({exc}); install them with "
+                           f"pip install 'lmadapt[serve]'") from None
+    adapters = {name: str(path) for name, path in (adapters or {}).items()}
+    resolved = base_model(model, next(iter(adapters.values()), None))
+    with _cpu_threads(threads):
+        run_server(resolved.name_or_path if isinstance(resolved, ModelConfig) else resolved, adapters, host=host,
+                   port=port, api_key=api_key, served_model_name=served_model_name, dtype=dtype, device=device,
+                   force=force, max_batch_size=max_batch_size, max_queue=max_queue,
+                   limits=Limits(max_tokens=max_tokens, max_n=max_n, max_body_bytes=max_body_bytes),
+                   runtime_adapters=runtime_adapters, drain_timeout=drain_timeout, log_level=log_level)

@@ -24,6 +24,7 @@ from lmadapt.cli import (
     make_helper,
     merge,
     recovery_data,
+    serve,
     train,
     vas_train,
 )
@@ -34,7 +35,7 @@ from lmadapt.cli import vocab as vocab_command
 from lmadapt.errors import LmadaptError
 
 _COMMANDS = (train, config_help, eval_command, generate, recovery_data, vas_train, make_helper, merge, diff_command,
-             port_command, compare_command, inspect, demo, vocab_command)
+             port_command, compare_command, inspect, demo, vocab_command, serve)
 _CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
 
 
