@@ -49,6 +49,7 @@ from lmadapt.objectives.base import OBJECTIVES, build_objective
 from lmadapt.registry import config_with_sections
 from lmadapt.reporting import MetricsLog, plot_evals, read_metrics
 from lmadapt.training.config import TrainConfig
+from lmadapt.training.fsdp import gathered
 from lmadapt.training.lae import OFFLINE_DIR, save_offline_adapter
 from lmadapt.training.loop import LoopResult
 from lmadapt.training.run import Run, loop_report, loss_summary, make_batcher, say
@@ -117,9 +118,10 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
     """
     cfg = load_run_config(config, overrides)
     run = Run.from_environment(cfg.output_dir, cfg.train, cfg.model.device, overwrite=cfg.overwrite, resume=resume,
-                               config=cfg)  # on resume: cfg is compared with the run's config.yaml first
+                               config=cfg, shardable=True)  # on resume: cfg is compared with the run's config.yaml
     cfg = dataclasses.replace(cfg, train=run.train)  # precision resolved: config.yaml records the choice
     method, objective = build_method(cfg.method), build_objective(cfg.objective)
+    run.check_sharding(method, evals=bool(cfg.evals))  # train.distributed: fsdp refuses what it cannot train
     model, tokenizer = load_model(dataclasses.replace(training_model_config(cfg, method), device=str(run.device)))
     base_fp = fingerprint(model)  # before prepare() may resize the vocabulary: loading checks the base as loaded
     tokenizer = set_chat_template(method.prepare(model, tokenizer), cfg.data)  # data.chat_template, for the evals too
@@ -157,17 +159,18 @@ def train(config: str | Path | dict[str, Any] | RunConfig, overrides: list[str] 
                      progress=progress, step_evals=_during_training(model, tokenizer, cfg.evals, names, run))
 
     adapter_dir = run.path / "adapter"
-    if run.dist.is_main:
-        save_adapter(model, method, adapter_dir, base_model=base_name, base_fingerprint=base_fp, overwrite=True,
-                     tokenizer=tokenizer if method.changes_tokenizer else None, objective=objective,
-                     extra=training_record(cfg.data, data_report.format, tokenizer), export=True)
-        if result.offline is not None:  # LAE: the offline copy, in the same format, beside adapter/
-            save_offline_adapter(model, method, result.offline, run.path / OFFLINE_DIR,
-                                 momentum=cfg.train.lae_momentum, warmup_steps=cfg.train.lae_warmup_steps,
-                                 base_model=base_name, base_fingerprint=base_fp, overwrite=True, objective=objective,
-                                 export=True,
-                                 tokenizer=tokenizer if method.changes_tokenizer else None,
-                                 extra=training_record(cfg.data, data_report.format, tokenizer))
+    with gathered(model):  # FSDP: the tensors the save reads are whole on rank 0 (every process enters)
+        if run.dist.is_main:
+            save_adapter(model, method, adapter_dir, base_model=base_name, base_fingerprint=base_fp, overwrite=True,
+                         tokenizer=tokenizer if method.changes_tokenizer else None, objective=objective,
+                         extra=training_record(cfg.data, data_report.format, tokenizer), export=True)
+            if result.offline is not None:  # LAE: the offline copy, in the same format, beside adapter/
+                save_offline_adapter(model, method, result.offline, run.path / OFFLINE_DIR,
+                                     momentum=cfg.train.lae_momentum, warmup_steps=cfg.train.lae_warmup_steps,
+                                     base_model=base_name, base_fingerprint=base_fp, overwrite=True,
+                                     objective=objective, export=True,
+                                     tokenizer=tokenizer if method.changes_tokenizer else None,
+                                     extra=training_record(cfg.data, data_report.format, tokenizer))
     evals_after = _log_evals(run, result.steps, names, _evaluate_all(model, tokenizer, cfg, run, "after"))
     roles = role_rows([(n, e.role, b, a) for n, e, b, a in zip(names, cfg.evals, evals_before, evals_after)])
     report = {"model": base_name, "base_fingerprint": base_fp, "method": method.name, "objective": objective.name,

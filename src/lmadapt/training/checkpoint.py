@@ -33,6 +33,7 @@ from lmadapt.fsutil import atomic_dir
 from lmadapt.jsonfile import JsonFileError, read_json_object
 from lmadapt.methods import Method
 from lmadapt.objectives.base import Objective
+from lmadapt.training.fsdp import gathered, reshard_optimizer_state
 
 if TYPE_CHECKING:
     from lmadapt.training.lae import OfflineCopy
@@ -241,8 +242,10 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, method: Method,
     anything changes. Then, order matters: the method's own state first (it may re-establish a trainable set
     that changed during the run), then the tensors, then ``rebuild_optimizer()`` builds the optimizer over
     the groups as they are now and its saved state is loaded into it. Returns the trainer state, with the new
-    optimizer under ``"optimizer"``. ``offline``: LAE's offline copy, restored last. A checkpoint written by a
-    run with another method or trainable set raises :class:`CheckpointError`.
+    optimizer under ``"optimizer"``. A model sharded by FSDP (every process calls this) loads into whole
+    tensors, each rank keeping its chunk of them and of the optimizer's state (:mod:`lmadapt.training.fsdp`).
+    ``offline``: LAE's offline copy, restored last. A checkpoint written by a run with another method or
+    trainable set raises :class:`CheckpointError`.
     """
     saved = read_checkpoint(path)
     if offline is not None and saved.lae_offline is None:
@@ -250,12 +253,14 @@ def load_checkpoint(path: Path, *, model: torch.nn.Module, method: Method,
                               f"one (train.lae_momentum); resume with the config the run was started with "
                               f"({saved.path.parent.parent / 'config.yaml'}), or start again without --resume")
     try:
-        method.load_state_dict(model, saved.state.get("method_state") or {})
-        method.load_adapter_state(model, saved.adapter)
-        if objective is not None and saved.objective is not None:
-            objective.load_trainable_state(model, saved.objective)
+        with gathered(model, everywhere=True, write_back=True):
+            method.load_state_dict(model, saved.state.get("method_state") or {})
+            method.load_adapter_state(model, saved.adapter)
+            if objective is not None and saved.objective is not None:
+                objective.load_trainable_state(model, saved.objective)
         optimizer = rebuild_optimizer()
         _restore_optimizer(optimizer, saved.optimizer, saved.state["optimizer_groups"])
+        reshard_optimizer_state(optimizer)
         if offline is not None and saved.lae_offline is not None:
             offline.load_state_dict(saved.lae_offline)
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:

@@ -63,6 +63,11 @@ class TrainConfig:
         False, "Recompute each decoder block's activations in the backward pass instead of keeping them "
                "(lmadapt.training.memory): less activation memory for about a third more compute; the same "
                "gradients. Transformers models only (not VAS value models).")
+    distributed: Literal["ddp", "fsdp"] = option(
+        "ddp", "How the processes of a torchrun launch share the work (docs/distributed.md; one process: ignored). "
+               "ddp: each holds the whole model and the gradients are summed over them; fsdp: FSDP2 (torch's "
+               "fully_shard) shards every parameter, its gradient and AdamW's moments over them, one transformer "
+               "block at a time, for models whose training state does not fit one device (lmadapt train only).")
     threads: int = option(0, "CPU threads (0: auto, the cores idle when the run starts, or OMP_NUM_THREADS "
                              "when it is set). A resumed run keeps its first count, so it stays bit-exact.")
     lae_momentum: float | None = option(

@@ -11,8 +11,10 @@ progress and writes checkpoints and adapters; the others wait at a barrier.
 Launch: ``torchrun --nproc-per-node 2 -m lmadapt train config.yaml`` (docs/distributed.md). Without torchrun
 (no ``WORLD_SIZE`` in the environment) everything here is a no-op for a single process.
 
-The seam for sharded training (FSDP) to follow: parameters are read for saving through
-:func:`gathered_state` and the optimizer is built by one factory (:func:`lmadapt.training.optim.build_optimizer`).
+That is ``train.distributed: ddp``. With ``fsdp`` the same data plan and loss scale hold, but parameters,
+gradients and optimizer state are sharded (:mod:`lmadapt.training.fsdp`): the gradients are summed by FSDP's
+reduce-scatter instead of :meth:`Distributed.sum_gradients`, and saving reads whole tensors inside
+:func:`lmadapt.training.fsdp.gathered`, which every process enters.
 """
 
 from __future__ import annotations
@@ -127,7 +129,13 @@ def device_for(dist_info: Distributed, spec: str) -> str:
 def gathered_state(component: Any, model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors ``component`` saves, as one process would save them: a method's ``adapter_state(model)``,
     or an objective's ``trainable_state(model)`` (its heads). Under data parallelism every rank holds them
-    whole; a sharded strategy (FSDP) gathers them here, which is why saving reads them through this."""
-    if hasattr(component, "adapter_state"):
-        return component.adapter_state(model)
-    return component.trainable_state(model)
+    whole; under FSDP they are whole only inside :func:`lmadapt.training.fsdp.gathered`, and a shard read
+    outside it is refused here rather than written as a fraction of the tensor."""
+    from lmadapt.training.fsdp import is_shard
+
+    state = component.adapter_state(model) if hasattr(component, "adapter_state") else component.trainable_state(model)
+    shards = [k for k, v in state.items() if is_shard(v)]
+    if shards:
+        raise LmadaptError(f"{shards[0]} is one process's shard of an FSDP-sharded tensor: save inside "
+                           f"lmadapt.training.fsdp.gathered(model), which every process enters, so that it is whole")
+    return state

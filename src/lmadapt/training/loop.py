@@ -4,7 +4,8 @@ Read top to bottom: build the optimizer from the method's (and the objective's) 
 optimizer step collect ``grad_accum`` micro-batches (their order is a pure function of seed, epoch and
 position, so a resumed run sees the same data; under torchrun each rank takes its rows of each), ask the
 objective how many units carry loss in the whole step (summed over the ranks), run each micro-batch's loss
-and the method's extra loss, sum the gradients over the ranks, clip, step, let the method react, log,
+and the method's extra loss, sum the gradients over the ranks (under FSDP, :mod:`lmadapt.training.fsdp`, the
+backward passes reduce-scatter them, and every rank runs every micro-batch), clip, step, let the method react, log,
 validate, evaluate (the run's ``evals:`` with ``every``, through ``step_evals``), checkpoint. Nothing here assumes
 a causal shift: counting and the loss are the objective's.
 """
@@ -42,6 +43,7 @@ from lmadapt.training.checkpoint import (
 )
 from lmadapt.training.config import TrainConfig
 from lmadapt.training.distributed import Distributed
+from lmadapt.training.fsdp import clip_gradients, gathered, is_sharded
 from lmadapt.training.lae import OfflineCopy
 from lmadapt.training.optim import build_optimizer
 from lmadapt.training.precision import autocast, needs_autocast
@@ -96,6 +98,7 @@ class Trainer:
         # A mask that only marks right padding changes nothing that carries loss, unless some position may
         # attend to a later one: only when the objective and the method both keep causal attention.
         self.drop_padding_mask = self.objective.causal_attention and method.causal_attention
+        self.sharded = is_sharded(model)  # FSDP (lmadapt.training.fsdp): every rank runs every forward and backward
         self.step_metrics: dict[str, float] = {}  # the last step's objective metrics per unit, for the log
         self.val_metrics: dict[str, float] = {}  # the last validation's record: val_loss and the objective's own
         self.optimizer = self._build_optimizer()
@@ -116,14 +119,18 @@ class Trainer:
         return build_optimizer(self.model, self.method, self.cfg, previous=previous, objective=self.objective)
 
     # --- data ----------------------------------------------------------------------------------
-    def _micro_batch(self, index: int) -> dict[str, Any] | None:
-        """This rank's rows of global micro-batch ``index``, collated; None when it has none (under torchrun a
-        last, short batch may have fewer rows than processes: such a rank still joins the gradient sum)."""
+    def _micro_batch(self, index: int) -> tuple[dict[str, Any] | None, int]:
+        """This rank's rows of global micro-batch ``index``, collated, and their weight 1; (None, 0) when it has
+        none (under torchrun a last, short batch may have fewer rows than processes: such a rank still joins the
+        gradient sum). Under FSDP such a rank gets the micro-batch's first row with weight 0 instead: a stand-in
+        that runs the forward and backward, whose parameter gathers are collective, and carries no loss."""
         epoch, pos = divmod(index, len(self.train_batcher))
         if epoch not in self._plans:
             self._plans = {epoch: self.train_batcher.batches(epoch)}
         rows = self.dist.shard(self._plans[epoch][pos])
-        return self.train_batcher.collate(rows) if rows else None
+        if not rows and self.sharded:
+            return self.train_batcher.collate(self._plans[epoch][pos][:1]), 0
+        return (self.train_batcher.collate(rows), 1) if rows else (None, 0)
 
     # --- resume --------------------------------------------------------------------------------
     def resume(self) -> Path | None:
@@ -148,10 +155,12 @@ class Trainer:
         cfg, model, objective = self.cfg, self.model, self.objective
         objective.begin_step(self.state["step"], self.total_steps)
         fetched = [self._micro_batch(self.state["micro"] + i) for i in range(cfg.grad_accum)]
-        micro = [mb for mb in fetched if mb is not None]
-        counts = [objective.count(mb) for mb in micro]
+        micro = [mb for mb, _ in fetched if mb is not None]
+        weights = [w for mb, w in fetched if mb is not None]  # 0: an FSDP stand-in, which runs but carries no loss
+        counts = [objective.count(mb) * w for mb, w in zip(micro, weights)]
         n_step, n_inputs = self.dist.sum(
-            [sum(counts), sum(int(mb.get("num_tokens", mb["input_ids"].numel())) for mb in micro)], self.device)
+            [sum(counts), sum(int(mb.get("num_tokens", mb["input_ids"].numel())) * w
+                              for mb, w in zip(micro, weights))], self.device)
         n_step = max(1.0, n_step)
         self.state["input_tokens"] += int(n_inputs)
         self.optimizer.zero_grad(set_to_none=True)
@@ -161,18 +170,22 @@ class Trainer:
             with autocast(self.device, cfg.precision, self.use_autocast):
                 out = objective.loss(model, mb, drop_padding_mask=self.drop_padding_mask)
                 for key, value in out.metrics.items():
-                    sums[key] = sums.get(key, 0.0) + value
+                    sums[key] = sums.get(key, 0.0) + value * weights[i]
                 ctx = StepContext(model, mb, self.state["step"], self.total_steps, out.outputs, self.optimizer,
                                   micro_index=i, _base_logits=lambda mb=mb, o=out.outputs: self._base_logits(mb, o))
                 loss = out.loss / n_step
                 extra = self.method.extra_loss(ctx)
                 if extra is not None:
                     loss = loss + extra * (out.count / n_step)
+                if not weights[i]:
+                    loss = loss * 0.0
             ctx.outputs = None  # step-level hooks see every micro-batch's inputs, not its activations
-            contexts.append(ctx)
+            if weights[i]:
+                contexts.append(ctx)
             if not torch.isfinite(loss):
                 bad = f"loss is {loss.item()}"
-                break
+                if not self.sharded:  # under FSDP every backward runs: its reduce-scatters are collective
+                    break
             self.scaler.scale(loss).backward()
             total += loss.item()
         # the objective's metrics (detached sums) per loss-bearing unit of this process's micro-batches
@@ -181,11 +194,13 @@ class Trainer:
         if self.dist.any(bad is not None, self.device):
             return self._non_finite(bad or "loss is not finite on another process")
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.dist.sum_gradients(params)
+        if not self.sharded:  # FSDP summed them in the backward passes (reduce-scatter)
+            self.dist.sum_gradients(params)
         total = self.dist.sum([total], self.device)[0]
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = (clip_gradients(params, max_norm) if self.sharded
+                     else float(torch.nn.utils.clip_grad_norm_(params, max_norm)))
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
             return self._non_finite(f"gradient norm is {grad_norm}")
         factor = self.schedule.factor(self.state["step"])
@@ -241,11 +256,13 @@ class Trainer:
             plan = plan[: self.cfg.eval_batches]
         for indices in plan:
             rows = self.dist.shard(indices)
-            if not rows:
+            if not rows and not self.sharded:
                 continue
-            mb = to_device(self.val_batcher.collate(rows), self.device)
+            mb = to_device(self.val_batcher.collate(rows or indices[:1]), self.device)  # FSDP: a stand-in row
             with autocast(self.device, self.cfg.precision, self.use_autocast):
                 out = self.objective.loss(self.model, mb, drop_padding_mask=self.drop_padding_mask)
+            if not rows:
+                continue
             total, units = total + float(out.loss), units + out.count
             for key in keys:
                 sums[key] += out.metrics[key]
@@ -342,11 +359,12 @@ class Trainer:
                     paused = time.perf_counter() - t_eval  # not training time: left out of elapsed and tokens/s
                     t_start, t_resume = t_start + paused, t_resume + paused
                 if cfg.save_every and state["step"] % cfg.save_every == 0 and not at_end:
-                    self.dist.main_first(lambda: save_checkpoint(
-                        self.run_dir, state["step"], model=self.model, method=self.method, objective=self.objective,
-                        optimizer=self.optimizer, trainer_state=dict(state), base_model=self.base_model,
-                        base_fingerprint=self.base_fingerprint, keep_last=cfg.keep_last,
-                        lae_offline=None if self.lae is None else self.lae.state_dict()))
+                    with gathered(self.model, self.optimizer):  # FSDP: whole tensors on rank 0 while it writes
+                        self.dist.main_first(lambda: save_checkpoint(
+                            self.run_dir, state["step"], model=self.model, method=self.method,
+                            objective=self.objective, optimizer=self.optimizer, trainer_state=dict(state),
+                            base_model=self.base_model, base_fingerprint=self.base_fingerprint,
+                            keep_last=cfg.keep_last, lae_offline=None if self.lae is None else self.lae.state_dict()))
         except KeyboardInterrupt:  # Ctrl-C: say what --resume would continue from, then stop as asked
             bar.close()
             if main:

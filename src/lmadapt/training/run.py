@@ -5,7 +5,9 @@
 finished, and that it holds a checkpoint: :mod:`lmadapt.training.resume`), the inputs are loaded and
 validated by the caller next, and nothing is written until :meth:`Run.create` is called after that. Then
 the one loop trains (:meth:`Run.fit`: precision and device resolved once, here), and :meth:`Run.finish`
-writes the report and the loss plot. Under torchrun only rank 0 writes.
+writes the report and the loss plot. Under torchrun only rank 0 writes. With ``train.distributed: fsdp``
+(a recipe that saves through :func:`lmadapt.training.fsdp.gathered` says ``shardable``) :meth:`Run.fit`
+shards the model before the loop builds its optimizer.
 
 ``lmadapt train`` (:func:`train`) composes it as prepare output dir -> load -> data -> method -> objective ->
 trainer -> save -> evaluate -> report; the recipes (helper models, VAS value models, the demo) compose the
@@ -31,7 +33,7 @@ from torch import nn
 
 from lmadapt.config import to_dict
 from lmadapt.data import Batcher
-from lmadapt.errors import LmadaptError
+from lmadapt.errors import ConfigError, LmadaptError
 from lmadapt.fsutil import atomic_write_json, atomic_write_text, check_output_dir
 from lmadapt.hardware import resolve_precision
 from lmadapt.methods import Method
@@ -40,6 +42,7 @@ from lmadapt.objectives.base import Objective
 from lmadapt.reporting import plot_loss, read_metrics
 from lmadapt.training.config import TrainConfig
 from lmadapt.training.distributed import Distributed, device_for, from_environment
+from lmadapt.training.fsdp import fsdp_problems, shard
 from lmadapt.training.loop import LoopResult, Trainer, to_device
 from lmadapt.training.memory import gradient_checkpointing
 from lmadapt.training.resume import check_resume
@@ -64,7 +67,8 @@ class Run:
 
     ``config`` is the run's whole config (a dataclass with a ``train`` section), recorded as ``config.yaml``
     by :meth:`create`; on resume it is compared with the run's own. Without it (recipes that do not record
-    one here) a resume checks only that a checkpoint exists.
+    one here) a resume checks only that a checkpoint exists. ``shardable``: the recipe saves and evaluates in a
+    way a sharded model allows (``lmadapt train``); others refuse ``train.distributed: fsdp``.
     """
 
     path: Path
@@ -74,6 +78,7 @@ class Run:
     resume: bool = False
     dist: Distributed = field(default_factory=Distributed)
     config: Any = None
+    shardable: bool = False
     device: torch.device = field(init=False)
     _resumed_record: dict[str, Any] | None = field(init=False, default=None, repr=False)
     _resumed_changes: list[str] = field(init=False, default_factory=list, repr=False)
@@ -84,6 +89,10 @@ class Run:
         self.train = dataclasses.replace(self.train, precision=resolve_precision(self.train.precision, self.device))
         if self.config is not None:  # config.yaml records the resolved precision
             self.config = dataclasses.replace(self.config, train=self.train)
+        if self.train.distributed == "fsdp" and self.dist.enabled and not self.shardable:
+            raise ConfigError([("train.distributed: fsdp: this recipe writes and evaluates a whole model from "
+                                "rank 0, which a sharded model cannot give; only lmadapt train trains sharded. Set "
+                                "train.distributed: ddp")])
         if self.resume and self.overwrite:
             raise LmadaptError("--resume continues the run in its folder and --overwrite replaces that folder. "
                                "Choose one.")
@@ -104,9 +113,23 @@ class Run:
 
     @classmethod
     def from_environment(cls, path: str | Path, train: TrainConfig, device_spec: str = "auto", *,
-                         overwrite: bool = False, resume: bool = False, config: Any = None) -> Run:
+                         overwrite: bool = False, resume: bool = False, config: Any = None,
+                         shardable: bool = False) -> Run:
         """A run in this process's place under torchrun (or a single process without it)."""
-        return cls(Path(path), train, device_spec, overwrite, resume, from_environment(device_spec), config)
+        return cls(Path(path), train, device_spec, overwrite, resume, from_environment(device_spec), config,
+                   shardable)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether :meth:`fit` shards the model (``train.distributed: fsdp`` and more than one process)."""
+        return self.train.distributed == "fsdp" and self.dist.enabled
+
+    def check_sharding(self, method: Method, *, evals: bool) -> None:
+        """Refuse, before anything is written, what a sharded run cannot train (all problems at once);
+        nothing to check when :attr:`sharded` is False. ``evals``: the run has ``evals:``."""
+        problems = fsdp_problems(self.train, method, evals=evals) if self.sharded else []
+        if problems:
+            raise ConfigError(problems)
 
     # --- steps --------------------------------------------------------------------------------
     def create(self, config: Any = None) -> None:
@@ -139,7 +162,11 @@ class Run:
             val_batcher: Any | None, *, base_model: str | None, base_fingerprint: str | None,
             progress: bool = True, step_evals: Callable[[int], dict[str, float]] | None = None) -> LoopResult:
         """Train in the one loop, continuing from the newest checkpoint when resuming (``step_evals``: the
-        evaluations during training, :class:`~lmadapt.training.loop.Trainer`)."""
+        evaluations during training, :class:`~lmadapt.training.loop.Trainer`). A :attr:`sharded` run shards
+        ``model`` first (it stays sharded: save it inside :func:`lmadapt.training.fsdp.gathered`)."""
+        if self.sharded:
+            self.check_sharding(method, evals=step_evals is not None)
+            shard(model, self.train.precision, self.device)
         trainer = Trainer(model, method, self.train, train_batcher, val_batcher, self.path, base_model=base_model,
                           base_fingerprint=base_fingerprint, device=self.device, objective=objective,
                           dist=self.dist, step_evals=step_evals)
