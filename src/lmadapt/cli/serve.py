@@ -20,6 +20,17 @@ def adapter_spec(text: str) -> tuple[str, str]:
     return name, path
 
 
+def proxy_spec(text: str) -> Any:
+    """An argparse ``type``: ``NAME=EXPERT,ANTI[,BETA]`` (:class:`lmadapt.serving.engine_proxy.ProxySpec`)."""
+    from lmadapt.errors import LmadaptError
+    from lmadapt.serving.engine_proxy import ProxySpec
+
+    try:
+        return ProxySpec.parse(text)
+    except LmadaptError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_parser(sub: Any) -> None:
     """Register ``serve`` on the subcommand parsers ``sub``."""
     p = sub.add_parser("serve", help="serve a base model and its adapters over an OpenAI-compatible HTTP API")
@@ -28,6 +39,11 @@ def add_parser(sub: Any) -> None:
                         "else smollm2-135m-instruct)")
     p.add_argument("--adapter", action="append", type=adapter_spec, default=[], metavar="NAME=PATH",
                    help="an adapter to serve as model NAME (repeatable)")
+    p.add_argument("--proxy", action="append", type=proxy_spec, default=[], metavar="NAME=EXPERT,ANTI[,BETA]",
+                   help="serve --model proxy-tuned as model NAME: its log-probs + BETA (default 1.0) x (EXPERT - "
+                        "ANTI)'s. EXPERT an adapter folder and ANTI the small model it was trained on (as "
+                        "generate's --proxy-expert-adapter/--proxy-small-model), or EXPERT and ANTI two small "
+                        "models (--proxy-expert/--proxy-anti-expert); repeatable")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the base model's name in requests and /v1/models (default: --model as given)")
     p.add_argument("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16"])
@@ -61,17 +77,17 @@ def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or Ctrl-C."""
     from lmadapt.api import serve
 
-    names = [name for name, _ in args.adapter]
+    names = [name for name, _ in args.adapter] + [spec.name for spec in args.proxy]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         from lmadapt.errors import LmadaptError
 
-        raise LmadaptError(f"--adapter: the name(s) {', '.join(duplicates)} are given twice; each adapter needs "
-                           f"its own name")
+        raise LmadaptError(f"--adapter/--proxy: the name(s) {', '.join(duplicates)} are given twice; each adapter "
+                           f"and proxy-tuned model needs its own name")
     serve(args.model, dict(args.adapter), host=args.host, port=args.port,
           api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, served_model_name=args.served_model_name,
           dtype=args.dtype, force=args.force, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
           max_tokens=args.max_tokens, max_n=args.max_n, max_body_bytes=args.max_body_bytes,
           runtime_adapters=not args.no_runtime_adapters, drain_timeout=args.drain_timeout, threads=args.threads,
-          log_level=args.log_level)
+          log_level=args.log_level, proxies=args.proxy)
     return 0

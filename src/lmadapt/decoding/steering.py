@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,14 +232,23 @@ def steer_ids(terms: Sequence[ModelTerm], prompt_ids: list[list[int]], *,
                        stops, pad_id, on_tokens, trace)
 
 
-def _combine(streams: list[_Stream], weights: list[float], vocab: int, device: torch.device) -> torch.Tensor:
-    """``sum_j w_j log_softmax(z_j)``, accumulated in place (one pass over the vocabulary per model)."""
-    scores = streams[0].logprobs(vocab).to(device)
+def combine_terms(logprobs: Iterable[torch.Tensor], weights: Sequence[float], device: torch.device) -> torch.Tensor:
+    """The combined scores ``s_t = sum_j w_j log_softmax(z_j)`` of the module docstring, from each term's (batch,
+    vocab) fp32 log-probabilities in the order of ``weights`` (:func:`proxy_terms`'), accumulated in place on
+    ``device`` (one pass over the vocabulary per model; the first tensor becomes the result, so pass fresh ones).
+    The steering decoder and the serving engine's proxy-tuned rows both combine with it."""
+    terms = iter(logprobs)
+    scores = next(terms).to(device)
     if weights[0] != 1.0:
         scores.mul_(weights[0])
-    for w, s in zip(weights[1:], streams[1:]):
-        scores.add_(s.logprobs(vocab).to(device), alpha=w)
+    for w, lp in zip(weights[1:], terms):
+        scores.add_(lp.to(device), alpha=w)
     return scores
+
+
+def _combine(streams: list[_Stream], weights: list[float], vocab: int, device: torch.device) -> torch.Tensor:
+    """``sum_j w_j log_softmax(z_j)`` of the streams' next tokens (:func:`combine_terms`)."""
+    return combine_terms((s.logprobs(vocab) for s in streams), weights, device)
 
 
 def _decode(streams: list[_Stream], weights: list[float], vstreams: list[_ValueStream], betas: list[float],

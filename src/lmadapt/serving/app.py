@@ -7,6 +7,7 @@ uvicorn. Routes (all JSON; ``/health`` needs no key):
     GET  /v1/models             GET  /v1/models/{model}   (the base, and every adapter with its ``parent``)
     POST /v1/load_lora_adapter {"lora_name", "lora_path"}  POST /v1/unload_lora_adapter {"lora_name"}
     GET  /health
+    GET  /   (the playground page; with /playground.js and /playground.css, served without the key)
 
 A request's ``model`` names the base model or one adapter; each of its ``n`` choices (times each prompt of a
 completion request) is one engine request, so they decode in the same batches as everyone else's. Every
@@ -14,8 +15,8 @@ failure is answered in OpenAI's error shape (:class:`~lmadapt.serving.openai_api
 the client can fix, 429 when the engine's queue is full, 503 while shutting down; anything else is a bug,
 logged with its traceback here and answered with a plain 500.
 
-Extension point: :meth:`Service.resolve` maps a ``model`` name to what the engine runs; proxy-tuned models
-(``--proxy``) and the playground page (``/``) are to be added there and as routes here (not done yet).
+Extension point: :meth:`Service.resolve` maps a ``model`` name to what the engine runs (the base, an adapter,
+a proxy-tuned model); the playground page offers whatever ``/v1/models`` lists.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -41,7 +43,14 @@ if TYPE_CHECKING:
     from lmadapt.serving.engine import Engine
 
 log = logging.getLogger("lmadapt.serve")
-OPEN_PATHS = frozenset({"/health"})  # answered without the API key
+# The playground: route -> (file of this package, media type). The page holds no secret; it asks for the key.
+PLAYGROUND = {"/": ("playground.html", "text/html"), "/playground.js": ("playground.js", "text/javascript"),
+              "/playground.css": ("playground.css", "text/css")}
+PAGE_HEADERS = {  # nothing but the page's own files and this server's API; no framing, no referrer
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                               "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+OPEN_PATHS = frozenset({"/health", *PLAYGROUND})  # answered without the API key
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,9 @@ def create_app(engine: Engine, tokenizer: Any, base: ServedBase, *, api_key: str
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    for path, (file, media_type) in PLAYGROUND.items():
+        app.add_api_route(path, _packaged_file(file, media_type), methods=["GET"], include_in_schema=False)
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": service.model_cards()}
@@ -113,6 +125,16 @@ def create_app(engine: Engine, tokenizer: Any, base: ServedBase, *, api_key: str
         return await service.unload_adapter(oa.parse_body(oa.UnloadAdapterRequest, await _json(request)))
 
     return app
+
+
+def _packaged_file(name: str, media_type: str) -> Callable[[], Awaitable[Response]]:
+    """A route that answers with this package's file ``name``, read now (a missing file fails at start-up)."""
+    body = resources.files(__package__).joinpath(name).read_bytes()
+
+    async def route() -> Response:
+        return Response(body, media_type=media_type, headers=PAGE_HEADERS)
+
+    return route
 
 
 def _check_runtime_adapters(allowed: bool) -> None:

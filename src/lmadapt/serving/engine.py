@@ -10,7 +10,8 @@ One worker thread runs the loop. Each step it
 3. *decodes* one token for every running row, one forward per group: the base model's group holds the base rows
    and the rows of every LoRA adapter, each row routed through its own adapter
    (:func:`lmadapt.adapters.pool.adapter_per_row`); an adapter of another method has a group (a model copy)
-   of its own (:mod:`lmadapt.serving.engine_adapters`);
+   of its own (:mod:`lmadapt.serving.engine_adapters`), and so has each proxy-tuned model (three forwards:
+   the base model and a small expert pair, :mod:`lmadapt.serving.engine_proxy`);
 4. samples each row's token with its own settings (:mod:`lmadapt.serving.sampling`), sends its event, and drops
    the rows that finished (stop token, stop string, ``max_tokens``, the model's context).
 
@@ -54,6 +55,7 @@ from lmadapt.serving.engine_adapters import (
     probe,
     unload_served,
 )
+from lmadapt.serving.engine_proxy import ProxyGroup, ProxyModel, ProxySpec, load_proxy
 from lmadapt.serving.engine_requests import (
     EngineStoppedError,
     GenerationRequest,
@@ -67,8 +69,9 @@ from lmadapt.serving.engine_requests import (
 from lmadapt.serving.engine_steps import Batcher, Group, Row
 from lmadapt.serving.sampling import RowSampler, SamplingParams, TextStream
 
-__all__ = ["Engine", "EngineStoppedError", "GenerationRequest", "GenerationResult", "QueueFullError", "RequestError",
-           "RequestHandle", "SamplingParams", "TokenEvent", "UnknownAdapterError"]
+__all__ = ["Engine", "EngineStoppedError", "GenerationRequest", "GenerationResult", "ProxyModel", "ProxySpec",
+           "QueueFullError", "RequestError", "RequestHandle", "SamplingParams", "TokenEvent", "UnknownAdapterError",
+           "load_proxy"]
 
 log = logging.getLogger("lmadapt.serve")
 T = TypeVar("T")
@@ -104,6 +107,7 @@ class Engine:
         self.context = getattr(model.config, "max_position_embeddings", None)
         probe(model)  # a model whose KV cache the batch cannot edit is refused here, not at the first request
         self._adapters: dict[str, ServedAdapter] = held_adapters(model)
+        self._proxies: dict[str, ProxyGroup] = {}
         self._base_fingerprint: str | None = None
         self._batcher = Batcher(model, self._decoder, pad_id=self.pad_id, context=self.context, finished=self._finished)
         self._lock = threading.RLock()  # re-entrant: a handle dropped (and so cancelled) inside the worker is fine
@@ -153,15 +157,19 @@ class Engine:
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue ``request``; its events come through the returned handle. Raises :class:`RequestError` (bad
         request), :class:`UnknownAdapterError`, :class:`QueueFullError` or :class:`EngineStoppedError`."""
-        self._check(request)
+        with self._lock:
+            proxy = self._proxies.get(request.adapter) if request.adapter is not None else None
+        self._check(request, proxy)
         params = request.params
         handle = RequestHandle(request, self._poke)
-        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.stop_ids)
-        row = Row(handle, RowSampler(params, self.device), TextStream(self._decoder, params.stop), stops)
+        model_stops = self.stop_ids | (proxy.stop_ids if proxy is not None else frozenset())
+        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else model_stops)
+        row = Row(handle, RowSampler(params, self.device), TextStream(self._decoder, params.stop), stops,
+                  context=proxy.context if proxy is not None else None)
         with self._lock:
             if self._state in ("stopping", "stopped"):
                 raise EngineStoppedError("the engine is shutting down and takes no new requests")
-            if request.adapter is not None and request.adapter not in self._adapters:
+            if request.adapter is not None and request.adapter not in (*self._adapters, *self._proxies):
                 raise self._unknown(request.adapter)
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting already (max_queue "
@@ -176,6 +184,33 @@ class Engine:
         with self._lock:
             return {name: served.describe() for name, served in self._adapters.items()}
 
+    def proxies(self) -> dict[str, dict[str, Any]]:
+        """name -> {"expert", "anti_expert", "beta", "context_length", ...} of every proxy-tuned model served."""
+        with self._lock:
+            return {name: group.describe() for name, group in self._proxies.items()}
+
+    def add_proxy(self, proxy: ProxyModel) -> None:
+        """Serve ``proxy`` (:func:`lmadapt.serving.engine_proxy.load_proxy`) as model ``proxy.name``: this engine's
+        base model steered by the proxy's small expert pair. Raises LmadaptError, changing nothing, when the name
+        is taken or the small models' tokenizers differ from the engine's (see :class:`ProxyGroup`)."""
+        self._check_free(proxy.name)
+        group = ProxyGroup(self.model, proxy, self.tokenizer)
+
+        def add() -> None:
+            self._check_free(proxy.name)
+            with self._lock:
+                self._proxies[proxy.name] = group
+            self._batcher.groups[proxy.name] = group
+
+        self._between_steps(add)
+        log.info("proxy-tuned model %r added", proxy.name)
+
+    def _check_free(self, name: str) -> None:
+        with self._lock:
+            if name in self._adapters or name in self._proxies:
+                kind = "an adapter" if name in self._adapters else "a proxy-tuned model"
+                raise LmadaptError(f"the name {name!r} is taken by {kind} already; choose another")
+
     def stats(self) -> dict[str, int]:
         """Rows running, requests waiting, steps and forwards so far."""
         with self._lock:
@@ -189,6 +224,8 @@ class Engine:
         with self._lock:
             if name in self._adapters:
                 raise AdapterError(f"an adapter named {name!r} is loaded already; unload it first")
+            if name in self._proxies:
+                raise AdapterError(f"the name {name!r} is taken by a proxy-tuned model; choose another")
 
         def load() -> None:
             if name in self._adapters:  # a concurrent load of the same name got there first
@@ -225,23 +262,26 @@ class Engine:
         log.info("adapter %r unloaded", name)
 
     # --- checks -------------------------------------------------------------------------------------------------
-    def _check(self, request: GenerationRequest) -> None:
+    def _check(self, request: GenerationRequest, proxy: ProxyGroup | None) -> None:
         problems = [f"params: {p}" for p in request.params.problems()]
         ids = request.prompt_ids
+        vocab, context = (self.vocab_size, self.context) if proxy is None else (proxy.input_vocab, proxy.context)
         if not isinstance(ids, (list, tuple)) or not ids:
             problems.append("prompt_ids must be a non-empty list of token ids")
         else:
-            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
             if bad:
-                problems.append(f"prompt_ids: {bad[0]!r} is not a token id of this model (0 to {self.vocab_size - 1})")
-            if self.context is not None and len(ids) >= self.context:
-                problems.append(f"the prompt has {len(ids)} tokens, but the model's context holds {self.context} "
+                problems.append(f"prompt_ids: {bad[0]!r} is not a token id of this model (0 to {vocab - 1})")
+            if context is not None and len(ids) >= context:
+                problems.append(f"the prompt has {len(ids)} tokens, but the model's context holds {context} "
                                 f"(prompt and completion together)")
         if problems:
             raise RequestError("; ".join(problems))
 
     def _unknown(self, name: str) -> UnknownAdapterError:
-        return UnknownAdapterError(f"no adapter named {name!r} is loaded; loaded: {sorted(self._adapters) or 'none'}")
+        served = sorted(self._adapters) + sorted(self._proxies)
+        return UnknownAdapterError(f"no adapter named {name!r} is loaded, nor a proxy-tuned model; loaded: "
+                                   f"{served or 'none'}")
 
     def _fingerprint(self) -> str:
         """The base model's fingerprint (LoRA factors left out), computed once."""
@@ -320,8 +360,10 @@ class Engine:
             joiners = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
         by_group: dict[str | None, list[Row]] = {}
         for row in joiners:
-            served = self._adapters.get(row.request.adapter) if row.request.adapter is not None else None
-            by_group.setdefault(None if served is None or served.routed else served.name, []).append(row)
+            name = row.request.adapter
+            served = self._adapters.get(name) if name is not None else None
+            own = name in self._proxies or (served is not None and not served.routed)  # a group of its own
+            by_group.setdefault(name if own else None, []).append(row)
         for key, rows in by_group.items():
             self._batcher.join(key, rows)
         self._batcher.decode()

@@ -2,7 +2,10 @@
 send its event, drop finished rows. Only the engine's worker thread calls into a :class:`Batcher`.
 
 Rows are kept in *groups*, one forward per group per step: the base model's group (base rows, and LoRA rows routed
-per row by :func:`lmadapt.adapters.pool.adapter_per_row`) and one group per adapter served on a model copy of its own.
+per row by :func:`lmadapt.adapters.pool.adapter_per_row`), one group per adapter served on a model copy of its own,
+and one per proxy-tuned model (:class:`lmadapt.serving.engine_proxy.ProxyGroup`: three forwards per step, whose
+log-probabilities it combines). A group prefills (:meth:`Group.prefill`) and steps (:meth:`Group.step`) its rows;
+the batcher picks their tokens from what that returns.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Row:
     text: TextStream
     stops: frozenset[int]  # token ids that end it
     pending: int = -1  # the last token chosen: fed at the next decode step
+    context: int | None = None  # prompt + new tokens its model holds (None: the batcher's)
     generated: int = 0
     done: bool = False
 
@@ -55,6 +59,26 @@ class Group:
     model: nn.Module
     rows: list[Row] = field(default_factory=list)
     batch: BatchCache = field(default_factory=BatchCache)
+    forwards = 1  # forwards per step
+
+    def adapters(self, rows: list[Row]) -> list[str | None]:
+        """The adapter each of ``rows`` takes through the model (when it is the base model, routed per row)."""
+        return [r.request.adapter for r in rows]
+
+    def prefill(self, prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, BatchCache]:
+        """(next-token logits (B, vocab), their cache) of ``prompts``, left-padded into one forward."""
+        return prefill(self.model, prompts, pad_id, model_device(self.model))
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (``ids`` (B, 1)); the next-token logits (B, vocab). The batch grows a column."""
+        mask, positions = self.batch.step_inputs()
+        logits, cache = model_forward(self.model, ids, mask, positions, self.batch.cache)
+        self.batch.stepped(cache)
+        return logits
+
+    def clear(self) -> None:
+        """No rows, an empty cache."""
+        self.rows, self.batch = [], BatchCache()
 
 
 class Batcher:
@@ -68,7 +92,7 @@ class Batcher:
                  finished: Callable[[Row], None]) -> None:
         self.model, self.tokenizer, self.pad_id, self.context = model, tokenizer, pad_id, context
         self.finished = finished
-        self.groups: dict[str | None, Group] = {None: Group(model)}
+        self.groups: dict[str | None, Any] = {None: Group(model)}  # a Group or a ProxyGroup
         self.routes = bool(adapter_names(model))  # the base model holds LoRA adapters: route its rows (set on changes)
         self.counts = {"steps": 0, "forwards": 0, "prefill_forwards": 0}
 
@@ -81,15 +105,14 @@ class Batcher:
         group = self.groups[key]
         try:
             with self._routing(group, rows):
-                logits, batch = prefill(group.model, [list(r.request.prompt_ids) for r in rows], self.pad_id,
-                                        model_device(group.model))
+                logits, batch = group.prefill([list(r.request.prompt_ids) for r in rows], self.pad_id)
         except Exception as exc:
             log.exception("prefill failed")
             for row in rows:
                 self.finish(row, TokenEvent(None, "", finish_reason="error", error=f"prefill failed: {exc}"))
             return
-        self.counts["forwards"] += 1
-        self.counts["prefill_forwards"] += 1
+        self.counts["forwards"] += group.forwards
+        self.counts["prefill_forwards"] += group.forwards
         for row, row_logits, best in zip(rows, logits, logits.argmax(-1).tolist()):
             self.take_token(row, row_logits, best)
         keep = [i for i, row in enumerate(rows) if not row.done]
@@ -107,16 +130,14 @@ class Batcher:
     def _decode(self, group: Group) -> None:
         rows = group.rows
         ids = torch.tensor([[r.pending] for r in rows], device=model_device(group.model))
-        mask, positions = group.batch.step_inputs()
         try:
             with self._routing(group, rows):
-                logits, cache = model_forward(group.model, ids, mask, positions, group.batch.cache)
+                logits = group.step(ids)
         except Exception as exc:
             log.exception("decode step failed")
             self.fail(group, f"decoding failed: {exc}")
             return
-        self.counts["forwards"] += 1
-        group.batch.stepped(cache)
+        self.counts["forwards"] += group.forwards
         for row, row_logits, best in zip(rows, logits, logits.argmax(-1).tolist()):
             self.take_token(row, row_logits, best)
         self._drop_done(group)
@@ -125,7 +146,7 @@ class Batcher:
         """Per-row adapters for a forward of the base model (when it holds LoRA adapters: base rows then need
         routing too, past whatever adapter is active)."""
         if group.model is self.model and self.routes:
-            return adapter_per_row(self.model, [r.request.adapter for r in rows])
+            return adapter_per_row(self.model, group.adapters(rows))
         return contextlib.nullcontext()
 
     def take_token(self, row: Row, logits: torch.Tensor, argmax: int) -> None:
@@ -141,7 +162,8 @@ class Batcher:
                 return
             text = row.text.add(token)
             reason: FinishReason | None = "stop" if row.text.stopped else None
-            full = self.context is not None and prompt + row.generated >= self.context  # no position left to feed it
+            context = row.context if row.context is not None else self.context
+            full = context is not None and prompt + row.generated >= context  # no position left to feed it
             if reason is None and (row.generated >= row.request.params.max_tokens or full):
                 reason, text = "length", text + row.text.finish()
             event = TokenEvent(token, text, logprob, top, reason, **counts)
@@ -183,7 +205,7 @@ class Batcher:
         for row in group.rows:
             self.finish(row, TokenEvent(None, row.text.finish() if reason == "cancelled" else "",
                                         finish_reason=reason, error=why))
-        group.rows, group.batch = [], BatchCache()
+        group.clear()
 
     def fail_all(self, why: str, reason: FinishReason = "error") -> None:
         for group in self.groups.values():

@@ -1,10 +1,13 @@
 """``lmadapt serve``: the base model loaded once, its adapters, the batching engine, the app, under uvicorn.
 
-    serve("smollm2-135m-instruct", {"sql": "runs/sql/adapter", "chat": "runs/chat/adapter"}, port=8000)
+    serve("smollm2-135m-instruct", {"sql": "runs/sql/adapter", "chat": "runs/chat/adapter"}, port=8000,
+          proxies=["bbc=runs/helper-expert/adapter,runs/helper-smollm2/model,1.0"])
 
 binds 127.0.0.1 unless ``host`` says otherwise, and needs ``Authorization: Bearer KEY`` on every route but
 ``/health`` when ``api_key`` is set. An adapter that fails to load is reported and left out; the others are
-served. SIGTERM (and Ctrl-C) stop accepting connections, let the requests in flight finish (at most
+served. A proxy-tuned model (:mod:`lmadapt.serving.engine_proxy`) that cannot be served (a spec that names no
+model, small models whose tokenizer differs from the base's, ...) stops the start-up with the reason. SIGTERM
+(and Ctrl-C) stop accepting connections, let the requests in flight finish (at most
 ``drain_timeout`` seconds: uvicorn's graceful shutdown, then ``engine.shutdown(drain=True)``), and return.
 """
 
@@ -18,7 +21,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +29,7 @@ from lmadapt.errors import LmadaptError
 from lmadapt.models.loading import ModelConfig, load_model, model_display_name
 from lmadapt.serving.app import Limits, ServedBase, create_app
 from lmadapt.serving.engine import Engine
+from lmadapt.serving.engine_proxy import ProxySpec, load_proxy
 from lmadapt.serving.openai_api import check_adapter_name
 
 log = logging.getLogger("lmadapt.serve")
@@ -44,13 +48,16 @@ class Loaded:
 
 def load_engine(model: str, adapters: Mapping[str, str] | None = None, *, served_model_name: str | None = None,
                 dtype: str | None = None, device: str | None = None, force: bool = False, max_batch_size: int = 8,
-                max_queue: int = 64) -> Loaded:
+                max_queue: int = 64, proxies: Sequence[ProxySpec | str] = ()) -> Loaded:
     """Load ``model`` and each adapter (name -> folder) onto one engine; a failing adapter is logged and skipped.
-    ``force``: load adapters trained on other base weights."""
+    ``proxies``: proxy-tuned models (:class:`ProxySpec`, or its ``NAME=EXPERT,ANTI[,BETA]`` text), each loaded and
+    added, or a LmadaptError. ``force``: load adapters trained on other base weights."""
     adapters = dict(adapters or {})
+    specs = [p if isinstance(p, ProxySpec) else ProxySpec.parse(p) for p in proxies]
     name = served_model_name or model
-    problems = _name_problems(name, adapters)
-    if problems:
+    problems = _name_problems(name, adapters, [s.name for s in specs])
+    problems += [problem for spec in specs for problem in spec.problems()]
+    if problems:  # before anything loads
         raise LmadaptError("; ".join(problems))
     cfg = ModelConfig(name_or_path=model, **{k: v for k, v in {"dtype": dtype, "device": device}.items() if v})
     base_model, tokenizer = load_model(cfg)
@@ -62,19 +69,25 @@ def load_engine(model: str, adapters: Mapping[str, str] | None = None, *, served
         except (LmadaptError, OSError) as exc:
             failed[adapter] = str(exc)
             log.error("adapter %r (%s) not loaded, serving the others: %s", adapter, path, exc)
+    for spec in specs:
+        engine.add_proxy(load_proxy(spec, dtype=dtype, device=device, force=force))
     base = ServedBase(name, model_display_name(cfg), engine.context, engine.vocab_size)
     return Loaded(engine, tokenizer, base, failed)
 
 
-def _name_problems(base_name: str, adapters: Mapping[str, str]) -> list[str]:
+def _name_problems(base_name: str, adapters: Mapping[str, str], proxies: Sequence[str] = ()) -> list[str]:
     problems = []
-    for name in adapters:
+    for name in [*adapters, *proxies]:
         try:
             check_adapter_name(name)
         except ValueError as exc:
             problems.append(str(exc))
         if name == base_name:
-            problems.append(f"adapter name {name!r} is the base model's name; choose another (or --served-model-name)")
+            problems.append(f"the name {name!r} is the base model's name; choose another (or --served-model-name)")
+    taken = sorted({n for n in proxies if n in adapters or list(proxies).count(n) > 1})
+    if taken:
+        problems.append(f"the name(s) {', '.join(taken)} are given twice (adapters and proxy-tuned models); each "
+                        f"needs its own name")
     return problems
 
 
@@ -110,17 +123,19 @@ def serve(model: str, adapters: Mapping[str, str] | None = None, *, host: str = 
           api_key: str | None = None, served_model_name: str | None = None, dtype: str | None = None,
           device: str | None = None, force: bool = False, max_batch_size: int = 8, max_queue: int = 64,
           limits: Limits | None = None, runtime_adapters: bool = True, drain_timeout: float = 30.0,
-          log_level: str = "info") -> None:
-    """Serve ``model`` and ``adapters`` (name -> folder) until SIGTERM or Ctrl-C (see the module docstring)."""
+          log_level: str = "info", proxies: Sequence[ProxySpec | str] = ()) -> None:
+    """Serve ``model``, ``adapters`` (name -> folder) and ``proxies`` (proxy-tuned models, see :func:`load_engine`)
+    until SIGTERM or Ctrl-C (see the module docstring)."""
     sock = bind(host, port)  # before loading: a taken port fails at once
     try:
         loaded = load_engine(model, adapters, served_model_name=served_model_name, dtype=dtype, device=device,
-                             force=force, max_batch_size=max_batch_size, max_queue=max_queue)
+                             force=force, max_batch_size=max_batch_size, max_queue=max_queue, proxies=proxies)
         app = create_app(loaded.engine, loaded.tokenizer, loaded.base, api_key=api_key, limits=limits or Limits(),
                          runtime_adapters=runtime_adapters, drain_timeout=drain_timeout)
         server = uvicorn_server(app, drain_timeout=drain_timeout, log_level=log_level)
         bound_host, bound_port = sock.getsockname()[:2]
-        served = [loaded.base.name] + sorted(set(adapters or {}) - set(loaded.failed))
+        served = [loaded.base.name] + sorted(set(adapters or {}) - set(loaded.failed)) + sorted(
+            f"{name} (proxy-tuned)" for name in loaded.engine.proxies())
         print(f"lmadapt serve: http://{_url_host(bound_host)}:{bound_port}/v1 serving {', '.join(served)}"
               f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
         with _quiet_sigterm():

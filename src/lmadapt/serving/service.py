@@ -6,6 +6,7 @@ reproducible). Chat
 prompts are rendered by the chat template the adapter was trained with (its record's), else the tokenizer's,
 with the adapter's recorded system prompt when the conversation has no system turn, as ``lmadapt generate``
 prompts it; completion prompts are tokenized as written (:func:`lmadapt.decoding.generation.encode_prompt`).
+A proxy-tuned model's prompt is rendered as the base model's (its three models read the same ids).
 """
 
 from __future__ import annotations
@@ -98,24 +99,29 @@ class Service:
     # --- models ---
 
     def resolve(self, name: str) -> str | None:
-        """The adapter that ``model`` names (None: the base model); 404 for any other name.
-
-        Extension point: proxy-tuned models (``--proxy``) will resolve here to their own engine route."""
+        """What the engine runs for ``model``: an adapter's or a proxy-tuned model's name (the engine request's
+        ``adapter``), or None for the base model; 404 for any other name."""
         if name == self.base.name:
             return None
-        if name in self.engine.adapters():
+        if name in self.engine.adapters() or name in self.engine.proxies():
             return name
         self.unknown_model(name)
 
     def unknown_model(self, name: str) -> NoReturn:
-        raise ApiError(404, f"the model `{name}` does not exist here; GET /v1/models lists the base model and "
-                            f"the adapters", param="model", code="model_not_found")
+        raise ApiError(404, f"the model `{name}` does not exist here; GET /v1/models lists the base model, the "
+                            f"adapters and the proxy-tuned models", param="model", code="model_not_found")
 
     def model_cards(self) -> list[dict[str, Any]]:
+        """The base, each adapter, then each proxy-tuned model: its ``parent`` is the base (the large model), its
+        ``root`` the expert, and ``proxy`` names the expert, the anti-expert and beta."""
         ctx = self.base.context_length
         cards = [oa.model_card(self.base.name, self.base.root, None, self.started, ctx)]
         for name, info in sorted(self.engine.adapters().items()):
             cards.append(oa.model_card(name, info["path"], self.base.name, self.started, ctx))
+        for name, info in sorted(self.engine.proxies().items()):
+            proxy = {k: v for k, v in info.items() if k != "context_length"}
+            cards.append({**oa.model_card(name, info.get("expert_adapter", info["expert"]), self.base.name,
+                                          self.started, info["context_length"]), "proxy": proxy})
         return cards
 
     async def load_adapter(self, request: oa.LoadAdapterRequest) -> Response:
@@ -125,6 +131,9 @@ class Service:
         if name in self.engine.adapters():
             raise ApiError(400, f"the adapter {name!r} is loaded already; unload it first", param="lora_name",
                            code="adapter_exists")
+        if name in self.engine.proxies():
+            raise ApiError(400, f"lora_name: {name!r} is a proxy-tuned model's name; choose another",
+                           param="lora_name", code="adapter_exists")
         try:
             await run_in_threadpool(self.engine.load_adapter, name, path)
         except (LmadaptError, OSError) as exc:
@@ -137,6 +146,9 @@ class Service:
         name = request.lora_name
         if name == self.base.name:
             raise ApiError(400, f"lora_name: {name!r} is the base model, which cannot be unloaded", param="lora_name")
+        if name in self.engine.proxies():
+            raise ApiError(400, f"lora_name: {name!r} is a proxy-tuned model (--proxy), which stays while the "
+                                f"server runs", param="lora_name")
         if name not in self.engine.adapters():
             raise ApiError(404, f"the adapter {name!r} is not loaded", param="lora_name", code="model_not_found")
         try:
@@ -184,10 +196,13 @@ class Service:
             prompts.append((ids, text if request.echo else ""))
         return prompts
 
-    def budget(self, requested: int | None, prompt_tokens: int, default: int, param: str, prompt_param: str) -> int:
+    def budget(self, requested: int | None, prompt_tokens: int, default: int, param: str, prompt_param: str,
+               context: int | None = None) -> int:
         """New tokens per choice: as requested (at most the server's limit and what the context leaves), else
-        ``default`` cut to what the context leaves. ``param``, ``prompt_param``: the fields to blame."""
-        limit, context = self.limits.max_tokens, self.base.context_length
+        ``default`` cut to what the context leaves. ``param``, ``prompt_param``: the fields to blame; ``context``:
+        the model's (None: the base model's)."""
+        limit = self.limits.max_tokens
+        context = self.base.context_length if context is None else context
         if requested is not None and requested > limit:
             raise ApiError(400, f"{param}: {requested} is more than this server's limit of {limit} (--max-tokens)",
                            param=param, code="invalid_value")
@@ -209,7 +224,9 @@ class Service:
             raise ApiError(400, f"n: {request.n} choices of {len(prompts)} prompt(s) is more than this server's "
                                 f"limit of {self.limits.max_n} per request (--max-n)", param="n", code="invalid_value")
         prompt_param = "messages" if isinstance(request, oa.ChatCompletionRequest) else "prompt"
-        budgets = [self.budget(request.token_limit(), len(ids), default, param, prompt_param) for ids, _ in prompts]
+        context = self.engine.proxies().get(adapter, {}).get("context_length") if adapter is not None else None
+        budgets = [self.budget(request.token_limit(), len(ids), default, param, prompt_param, context)
+                   for ids, _ in prompts]
         batch = Batch(request.model, sum(len(ids) for ids, _ in prompts), logprobs is not None)
         try:
             for (ids, prefix), max_tokens in zip(prompts, budgets):
