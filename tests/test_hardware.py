@@ -71,3 +71,14 @@ def test_training_with_auto_precision_runs_and_records_what_it_chose(monkeypatch
     assert saved["train"]["precision"] == precision
     stored = training_model_config(load_run_config(saved), build_method(saved["method"])).dtype
     assert stored == weights  # a frozen base is stored in bf16 only when the run computes in bf16
+
+
+def test_measuring_the_speedup_draws_nothing_from_the_global_generator() -> None:
+    """A run seeds torch and then may measure (explicit bf16 warns when slow): the measurement must not move the
+    global stream, or a run's initialisation depends on whether its process measured before."""
+    hardware.cpu_matmul_speedup.cache_clear()
+    torch.manual_seed(7)
+    hardware.cpu_matmul_speedup(torch.bfloat16)
+    after_measuring = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(after_measuring, torch.rand(3))

@@ -76,9 +76,12 @@ def cpu_matmul_speedup(dtype: torch.dtype) -> float:
 
     CPUs with bf16 matrix instructions (AVX512-BF16, AMX) run bf16 several times faster than fp32; CPUs
     without them (e.g. AVX2-only) fall back to a scalar path that was measured ~50x *slower* than fp32.
-    Measured once per process (under 0.2 s even on the slow path).
+    Measured once per process (under 0.2 s even on the slow path). The operands come from a generator of their own:
+    drawing them from torch's global one would make a run's initialisation depend on whether this process had
+    measured already (the first bf16 run in a process drew them after seeding, a later one did not).
     """
-    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    own = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 256, generator=own), torch.randn(256, 256, generator=own)
 
     def best(x: torch.Tensor, y: torch.Tensor) -> float:
         x @ y
