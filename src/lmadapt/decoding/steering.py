@@ -179,21 +179,27 @@ def eval_all(models: Sequence[nn.Module]) -> Iterator[None]:
         yield
 
 
+def processed_scores(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """(..., vocab) scores whose softmax is the sampling distribution: ``logits / temperature``, -inf outside the
+    ``top_k`` best and outside the smallest set reaching ``top_p`` (the best token is always kept)."""
+    scores = logits / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = scores.sort(dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        drop = (probs.cumsum(-1) - probs) >= top_p  # the mass before a token already reaches top_p
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return scores
+
+
 def sample_next(scores: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """(batch,) next tokens: argmax when ``temperature == 0``, else a draw from
     ``softmax(scores / temperature)`` kept to the ``top_k`` best and the smallest set reaching ``top_p``."""
     if temperature == 0:
         return scores.argmax(-1)
-    scores = scores / temperature
-    if 0 < top_k < scores.shape[-1]:
-        kth = scores.topk(top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1.0:
-        ordered, order = scores.sort(dim=-1, descending=True)
-        probs = ordered.softmax(-1)
-        drop = (probs.cumsum(-1) - probs) >= top_p  # mass before a token already reaches top_p
-        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(scores.softmax(-1), 1).squeeze(1)
+    return torch.multinomial(processed_scores(scores, temperature, top_k, top_p).softmax(-1), 1).squeeze(1)
 
 
 def _vas(scores: torch.Tensor, streams: list[_ValueStream], betas: torch.Tensor,

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lmadapt.decoding.steering import processed_scores
+
 MAX_LOGPROBS = 20  # the most alternatives a row may ask for (OpenAI's limit for top_logprobs)
 
 
@@ -75,21 +77,6 @@ def _is_int(value: object) -> bool:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-
-
-def processed_scores(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """(..., vocab) scores whose softmax is the sampling distribution: ``logits / temperature``, -inf outside the
-    ``top_k`` best and outside the smallest set reaching ``top_p`` (the best token is always kept)."""
-    scores = logits / temperature
-    if 0 < top_k < scores.shape[-1]:
-        kth = scores.topk(top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1.0:
-        ordered, order = scores.sort(dim=-1, descending=True)
-        probs = ordered.softmax(-1)
-        drop = (probs.cumsum(-1) - probs) >= top_p  # the mass before a token already reaches top_p
-        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return scores
 
 
 class RowSampler:
